@@ -1,0 +1,1 @@
+"""omnisky.train"""

@@ -1,0 +1,270 @@
+"""The scalar tokenizer, the tokenizer training entry point and omnisky-tokenize, on tiny real shards."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnisky.shards.codec import encode_sample
+from omnisky.shards.reader import stream
+from omnisky.shards.schema import RecordError, Scalar
+from omnisky.shards.writer import ShardWriter, read_manifest, shard_urls
+from omnisky.tokenizers.base import load_tokenizer
+from omnisky.tokenizers.scalar import ScalarConfig, ScalarTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SDSS = ROOT.parent / "shared" / "data" / "sdss_photoz" / "sdss_galaxies_dev.fits"
+
+
+# -- the scalar tokenizer --------------------------------------------------------------------
+def _scalars(n: int, seed: int = 0) -> list[Scalar]:
+    rng = np.random.default_rng(seed)
+    z = rng.gamma(2.0, 0.2, n)                                       # redshift-like, > 0
+    flux = rng.lognormal(1.0, 1.5, n) + rng.normal(0.0, 0.5, n)     # fluxes scattered below 0
+    return ([Scalar("redshift", float(v), 0.0, object_id=f"z{i}") for i, v in enumerate(z)] +
+            [Scalar("flux_r", float(v), 0.5, object_id=f"f{i}") for i, v in enumerate(flux)])
+
+
+def test_scalar_round_trip_and_quantile_uniformity(tmp_path):
+    records = _scalars(4000)
+    tok = ScalarTokenizer(ScalarConfig(names=("redshift", "flux_r"), n_bins=32, log_names=("flux_r",)))
+    report = tok.fit(records)
+    assert report["redshift"] == dict(n=4000, kept=4000, empty_bins=0)
+    assert tok.vocab_size == 32 and tok.n_tokens == 1
+    ids = tok.encode(records)
+    assert ids.shape == (8000, 1) and ids.dtype == torch.long
+    for part in (ids[:4000, 0], ids[4000:, 0]):  # exact quantiles: 4000 / 32 = 125 per bin
+        counts = np.bincount(part.numpy(), minlength=32)
+        assert counts.min() >= 124 and counts.max() <= 126, counts
+    assert (tok.bin_edges("flux_r")[0] < 0) and np.all(np.diff(tok.bin_edges("flux_r")) > 0)
+
+    decoded = tok.decode(ids, like=records)
+    for name, rows in (("redshift", slice(0, 4000)), ("flux_r", slice(4000, 8000))):
+        edges = tok.bin_edges(name)
+        x = np.array([r.value for r in records[rows]])
+        x_hat = np.array([r.value for r in decoded[rows]])
+        b = ids[rows, 0].numpy()
+        assert np.all((x_hat >= edges[b]) & (x_hat <= edges[b + 1]))  # centre inside its bin
+        assert np.all((x >= edges[b]) & (x <= edges[b + 1]))
+        spread = np.array([r.uncertainty for r in decoded[rows]])
+        assert np.all(spread > 0) and np.all(spread <= edges[b + 1] - edges[b])
+        assert np.allclose(tok.bin_centres(name)[b], x_hat)
+    assert [d.object_id for d in decoded[:3]] == ["z0", "z1", "z2"]
+    one = tok.decode(ids[:5], like="redshift")
+    assert [r.name for r in one] == ["redshift"] * 5
+
+    tok.save(tmp_path / "scalar")
+    again = load_tokenizer(tmp_path / "scalar")
+    assert isinstance(again, ScalarTokenizer)
+    assert torch.equal(again.encode(records), ids)
+    assert np.array_equal(again.bin_edges("flux_r"), tok.bin_edges("flux_r"))
+    assert json.loads((tmp_path / "scalar" / "config.json").read_text())["vocab_size"] == 32
+
+
+def test_scalar_refuses_bad_input():
+    tok = ScalarTokenizer(ScalarConfig(names=("redshift", "r_half"), n_bins=16, log_names=()))
+    few = [Scalar("redshift", float(v)) for v in np.linspace(0, 1, 200)] + \
+          [Scalar("r_half", float(v % 10)) for v in range(200)]  # 10 distinct values < 16 bins
+    with pytest.raises(ValueError, match=r"'r_half' has 200 value\(s\) with 10 distinct.*n_bins=16"):
+        tok.fit(few)
+    with pytest.raises(KeyError, match="'flux_q' is not served"):
+        tok.fit([Scalar("flux_q", 1.0, object_id="g7")])
+    tok = ScalarTokenizer(ScalarConfig(names=("redshift",), n_bins=16, log_names=()))
+    tok.fit(few[:200])
+    with pytest.raises(KeyError, match="object 'g9'.*'flux_q'"):
+        tok.encode([Scalar("flux_q", 1.0, object_id="g9")])
+    with pytest.raises(RecordError, match="object 'g8'.*scalar.redshift.value"):
+        tok.encode([Scalar("redshift", float("nan"), object_id="g8")])
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        ScalarTokenizer(ScalarConfig(names=("redshift",), n_bins=4, log_names=())).encode(Scalar("redshift", 0.1))
+
+
+def test_scalar_reservoir_is_seeded_and_near_uniform():
+    records = _scalars(20000, seed=1)[:20000]  # redshifts only
+    cfg = ScalarConfig(names=("redshift",), n_bins=20, log_names=(), reservoir=2000, seed=3)
+    a, b = ScalarTokenizer(cfg), ScalarTokenizer(cfg)
+    assert a.fit(records)["redshift"]["kept"] == 2000
+    b.fit(records)
+    assert np.array_equal(a.bin_edges("redshift"), b.bin_edges("redshift"))
+    counts = np.bincount(a.encode(records)[:, 0].numpy(), minlength=20)
+    # 2000-value reservoir: each bin's share of all 20000 is 1/20 to within a few sigma (~0.5%)
+    assert np.all(np.abs(counts / 20000 - 1 / 20) < 0.02), counts
+
+
+@pytest.mark.skipif(not SDSS.exists(), reason="real SDSS sample ../shared/data absent")
+def test_scalar_on_real_sdss_catalog():
+    from astropy.io import fits
+    d = fits.getdata(SDSS, 1)
+    flux_u, ivar_u = d["MODELFLUX"][:, 0].astype(float), d["MODELFLUX_IVAR"][:, 0].astype(float)
+    good = ivar_u > 0
+    records = [Scalar("redshift", float(z), object_id=str(i)) for i, z in enumerate(d["Z"])] + \
+              [Scalar("flux_u", float(f), float(1 / np.sqrt(v)), object_id=str(i))
+               for i, (f, v) in enumerate(zip(flux_u[good], ivar_u[good]))]
+    assert min(r.value for r in records if r.name == "flux_u") <= 0  # real u fluxes go negative
+    tok = ScalarTokenizer(ScalarConfig(names=("redshift", "flux_u"), n_bins=64, log_names=("flux_u",)))
+    tok.fit(records)
+    ids = tok.encode(records)[:, 0].numpy()
+    n_z = len(d)
+    counts = np.bincount(ids[:n_z], minlength=64)
+    assert counts.min() >= n_z // 64 - 2 and counts.max() <= n_z // 64 + 2
+    z_hat = np.array([r.value for r in tok.decode(torch.from_numpy(ids[:n_z]), like="redshift")])
+    assert np.median(np.abs(z_hat - d["Z"])) < 0.005  # 64 quantile bins over 0.01 < z < 0.58
+
+
+# -- the training entry point and omnisky-tokenize, on simulated-sky shards -------------------
+# A tiny image model, so a few steps take seconds on a shared 2-core machine.
+TINY_IMAGE = ["steps=3", "batch_size=4", "warmup_steps=1", "eval_every=3", "ckpt_every=3",
+              "num_workers=1", "eval_n=2", "model.channels=8", "model.hidden=16", "model.band_dim=8"]
+TINY_SPECTRUM = ["steps=2", "batch_size=4", "warmup_steps=1", "eval_every=2", "ckpt_every=2",
+                 "num_workers=0", "eval_n=2"]
+HAS_SPECTRUM = (ROOT / "tokenizers" / "spectrum.py").exists()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads can be 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory) -> Path:
+    """48 simulated objects in 3 raw shards."""
+    from omnisky.shards.cli import run_simulate
+    from omnisky.shards.sky import SkyConfig
+    out = tmp_path_factory.mktemp("raw")
+    run_simulate(SkyConfig(n=48, seed=0), out, shard_size=16, workers=1, progress=False)
+    return out
+
+
+def _train(*args):
+    from omnisky.train.tokenizer import main
+    main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tokdir(sky, tmp_path_factory) -> Path:
+    """Tokenizers trained by the entry point: image (3 steps), scalar, spectrum if present."""
+    d = tmp_path_factory.mktemp("tokenizers")
+    _train("--config", ROOT / "launch/tokenizers/image-tiny.yaml", "--data", sky, "--out", d / "image",
+           "--set", *TINY_IMAGE)
+    _train("--config", ROOT / "launch/tokenizers/scalar.yaml", "--data", sky, "--out", d / "scalar",
+           "--set", "model.n_bins=8")
+    if HAS_SPECTRUM:
+        _train("--config", ROOT / "launch/tokenizers/spectrum-tiny.yaml", "--data", sky,
+               "--out", d / "spectrum", "--set", *TINY_SPECTRUM)
+    return d
+
+
+def test_train_entry_point_writes_everything_and_resumes(tokdir, sky, capsys):
+    from omnisky.train.loop import cosine_lr, read_csv_log
+    out = tokdir / "image"
+    rows = read_csv_log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(float(r["loss"])) and float(r["samples_per_s"]) > 0 for r in rows)
+    assert rows[-1]["eval_loss"] != "" and rows[0]["eval_loss"] == ""
+    assert (out / "checkpoints" / "step-3" / "trainer_state.json").exists()
+    assert (out / "figures" / "recon-step-3.png").stat().st_size > 1000
+    tok = load_tokenizer(out)
+    raw = next(iter(stream(shard_urls(sky), decode="raw")))
+    image = raw.records.get("image.des") or raw.records["image.hsc"]
+    assert tok.encode([image]).shape == (1, tok.n_tokens)
+
+    # --resume continues at step 4 from the checkpoint and lands at the new end
+    w3 = {k: v.clone() for k, v in tok.state_dict().items()}
+    capsys.readouterr()
+    _train("--config", ROOT / "launch/tokenizers/image-tiny.yaml", "--data", sky, "--out", out,
+           "--set", *TINY_IMAGE, "steps=5", "--resume")
+    assert "resumed at step 3" in capsys.readouterr().out
+    rows = read_csv_log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    # the LR schedule picks up where it was: step 4 uses the schedule's value at index 3
+    assert float(rows[3]["lr"]) == pytest.approx(cosine_lr(3, 0.002, 1, 5), rel=1e-4)
+    assert (out / "checkpoints" / "step-5").exists()
+    w5 = load_tokenizer(out).state_dict()
+    assert any(not torch.equal(w3[k], w5[k]) for k in w3)
+
+
+def test_train_scalar_fits_bins_from_shards(tokdir, sky):
+    tok = load_tokenizer(tokdir / "scalar")
+    assert tok.vocab_size == 8 and set(tok.names) == {"redshift", "flux_g", "flux_r", "flux_i", "flux_z", "r_half"}
+    z = [s.records["scalar.redshift"] for s in stream(shard_urls(sky), decode="raw")
+         if "scalar.redshift" in s.records]
+    counts = np.bincount(tok.encode(z)[:, 0].numpy(), minlength=8)
+    assert counts.max() - counts.min() <= 1, counts  # every shard object was seen: exact quantiles
+    report = json.loads((tokdir / "scalar" / "fit_report.json").read_text())
+    assert report["redshift"]["n"] == len(z)
+
+
+def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path):
+    from omnisky.tokenizers.tokenize_shards import main as tokenize_main
+    tokenize_main(["--raw", str(sky), "--tokenizers", str(tokdir), "--out", str(tmp_path / "t1"),
+                   "--batch-size", "5"])
+    tokenize_main(["--raw", str(sky), "--tokenizers", str(tokdir), "--out", str(tmp_path / "t2"),
+                   "--batch-size", "5", "--workers", "2"])
+    m1, m2 = read_manifest(tmp_path / "t1"), read_manifest(tmp_path / "t2")
+    assert m1["shards"] == m2["shards"] and len(m1["shards"]) == 3  # byte-identical (sha256)
+    raw = list(stream(shard_urls(sky), decode="raw"))
+    keys = sorted({k for s in raw for k in s.records})
+    tokenized = [k for k in keys if HAS_SPECTRUM or not k.startswith("spectrum.")]
+    assert sorted(m1["modalities"]) == tokenized
+    assert m1["modalities"]["image.hsc"] == dict(kind="image", vocab_size=1000, n_tokens=64, tokenizer="image")
+    assert m1["modalities"]["scalar.redshift"] == dict(kind="scalar", vocab_size=8, n_tokens=1, tokenizer="scalar")
+    assert m1["summary"]["failed"] == 0 and m1["total"] == len(raw)
+    if not HAS_SPECTRUM:
+        assert m1["summary"]["skipped_no_tokenizer"]["spectrum.sdss"] == sum("spectrum.sdss" in s.records for s in raw)
+    toks = {kind: load_tokenizer(tokdir / kind) for kind in ("image", "scalar", "spectrum")
+            if (tokdir / kind / "config.json").exists()}
+    out = list(stream(shard_urls(tmp_path / "t1"), decode="tokens"))
+    assert [o[0] for o in out] == [s.object_id for s in raw]  # same objects, same order
+    for key in tokenized:
+        have = [i for i, s in enumerate(raw) if key in s.records]
+        assert m1["counts"][key] == len(have)
+        expect = toks[key.split(".")[0]].encode([raw[i].records[key] for i in have]).numpy()
+        got = np.stack([out[i][1][key] for i in have])
+        assert got.dtype == np.int32 and np.array_equal(got, expect), key
+    assert out[0][2]["params"] == raw[0].params and out[0][2]["present"] == sorted(out[0][1])
+
+
+def test_tokenize_skips_and_counts_a_bad_object(tokdir, sky, tmp_path):
+    from omnisky.tokenizers.tokenize_shards import tokenize
+    raw = list(stream(shard_urls(sky), decode="raw"))[:6]
+    bad = next(s for s in raw if "image.des" in s.records)
+    img = bad.records["image.des"]  # a valid record the 32x32 image tokenizer cannot take
+    img.flux, img.ivar, img.mask = img.flux[:, :16, :16], img.ivar[:, :16, :16], img.mask[:, :16, :16]
+    with ShardWriter(tmp_path / "raw", prefix="sky") as w:
+        for s in raw:
+            w.write(s.object_id, encode_sample(s))
+    with pytest.warns(UserWarning, match=f"skipping object '{bad.object_id}'"):
+        m = tokenize(tmp_path / "raw", tokdir, tmp_path / "tok")
+    assert m["summary"]["failed"] == 1 and bad.object_id in m["summary"]["failed_objects"]
+    assert "16x16" in m["summary"]["failed_objects"][bad.object_id]
+    assert m["total"] == 5 and bad.object_id not in [o[0] for o in stream(shard_urls(tmp_path / "tok"), decode="tokens")]
+
+
+@pytest.mark.slow
+def test_train_entry_point_under_two_processes(sky, tmp_path):
+    out = tmp_path / "image2"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "omnisky.train.tokenizer", "--config", str(ROOT / "launch/tokenizers/image-tiny.yaml"),
+           "--data", str(sky), "--out", str(out), "--set", *TINY_IMAGE, "steps=2", "ckpt_every=2",
+           "num_workers=0"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd[0] = str(accelerate) if accelerate.exists() else cmd[0]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from omnisky.train.loop import read_csv_log
+    assert [int(row["step"]) for row in read_csv_log(out / "log.csv")] == [1, 2]
+    ckpt = out / "checkpoints" / "step-2"
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    assert load_tokenizer(out).n_tokens == 64

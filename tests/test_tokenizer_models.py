@@ -1,0 +1,318 @@
+"""The image and spectrum tokenizers: shapes, round trips, band/grid agnosticism, masking,
+saving, learning, and refusing what they cannot take. Records come from the simulated sky
+(`sky_config` fixture) or are built here; tiny default configs, CPU, well under a minute."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnisky.shards.schema import Image, RecordError, Spectrum
+from omnisky.tokenizers.base import Tokenizer, load_tokenizer
+from omnisky.tokenizers.image import ImageConfig, ImageTokenizer
+from omnisky.tokenizers.spectrum import SpectrumConfig, SpectrumTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads make these small convs ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sky(sky_config):
+    """{modality key: [records]} of the 24-object test sky."""
+    from omnisky.shards.sky import simulate
+    out: dict[str, list] = {}
+    for s in simulate(sky_config):
+        for k, r in s.records.items():
+            out.setdefault(k, []).append(r)
+    assert all(len(out.get(k, [])) >= 6 for k in ("image.des", "image.hsc", "spectrum.sdss", "spectrum.desi"))
+    return out
+
+
+def _image_tok(**kw) -> ImageTokenizer:
+    torch.manual_seed(0)
+    return ImageTokenizer(ImageConfig(**kw)).eval()
+
+
+def _spectrum_tok(**kw) -> SpectrumTokenizer:
+    torch.manual_seed(0)
+    return SpectrumTokenizer(SpectrumConfig(**kw)).eval()
+
+
+def _copy(rec, **changes):
+    """A deep copy of a record (numpy arrays copied) with some fields replaced."""
+    fields = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
+    fields = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+    return type(rec)(**{**fields, **changes})
+
+
+def _subset_bands(img: Image, keep: list[int]) -> Image:
+    return _copy(img, flux=img.flux[keep], ivar=img.ivar[keep], mask=img.mask[keep],
+                 bands=tuple(img.bands[i] for i in keep), psf_fwhm=img.psf_fwhm[keep])
+
+
+# -- image -------------------------------------------------------------------------------------
+def test_image_shapes_vocab_and_batch_of_one(sky):
+    tok = _image_tok()
+    assert tok.kind == "image" and tok.vocab_size == 1000 and tok.n_tokens == 64
+    mixed = sky["image.des"][:3] + sky["image.hsc"][:3]              # 4- and 5-band records together
+    ids = tok.encode(mixed)
+    assert ids.shape == (6, 64) and ids.dtype == torch.long
+    assert int(ids.min()) >= 0 and int(ids.max()) < tok.vocab_size
+    one = tok.encode(mixed[4])                                         # a single record, not a list
+    assert one.shape == (1, 64)
+    assert torch.equal(one[0], ids[4])                                 # padding bands do not leak
+    base = ImageTokenizer(ImageConfig(size=96, downsample=4))
+    assert base.n_tokens == 576 and base.vocab_size == 1000
+
+
+def test_image_decode_follows_the_template(sky):
+    tok = _image_tok()
+    des, hsc = sky["image.des"][:2], sky["image.hsc"][0]
+    ids = tok.encode(des)
+    out = tok.decode(ids, like=hsc)                                    # DES g,r,i,z -> HSC g..y
+    assert len(out) == 2
+    for d in out:
+        assert d.bands == hsc.bands and d.survey == "hsc" and d.pixel_scale == hsc.pixel_scale
+        assert d.zero_point == hsc.zero_point and np.array_equal(d.psf_fwhm, hsc.psf_fwhm)
+        assert d.flux.shape == (5, 32, 32) and np.isfinite(d.flux).all()
+        ok = hsc.ivar > 0
+        assert np.array_equal(d.ivar[ok], hsc.ivar[ok]) and np.all(d.ivar > 0) and not d.mask.any()
+        d.validate()
+    y_only = _subset_bands(hsc, [4])                                   # decode a single band: HSC y
+    [y] = tok.decode(ids[:1], like=y_only)
+    assert y.bands == ("hsc.y",) and y.flux.shape == (1, 32, 32)
+    odd = _copy(y_only, flux=np.zeros((1, 8, 8), np.float32), ivar=np.ones((1, 8, 8), np.float32) * 3,
+                mask=np.zeros((1, 8, 8), bool))                        # template of another shape
+    [z] = tok.decode(ids[:1], like=odd)
+    assert z.flux.shape == (1, 32, 32) and np.all(z.ivar == 1)
+    # a plane depends on its own band's embedding only: y decoded alone == y decoded among 5 bands
+    [full] = tok.decode(ids[:1], like=hsc)
+    assert np.allclose(full.flux[4], y.flux[0], rtol=1e-5, atol=1e-7)
+    # the zero point sets the units: HSC counts = nanomaggies * 10^(0.4 (27 - 22.5))
+    as_nmgy = _copy(hsc, zero_point=22.5)
+    [n] = tok.decode(ids[:1], like=as_nmgy)
+    assert np.allclose(full.flux, n.flux * 10 ** (0.4 * 4.5), rtol=1e-4, atol=1e-6)
+
+
+def test_image_band_agnostic_and_refusals(sky):
+    tok = _image_tok()
+    des = sky["image.des"][0]
+    ids = tok.encode([_subset_bands(des, [0, 1]), _subset_bands(des, [3]), des])
+    assert ids.shape == (3, 64)
+    assert not torch.equal(ids[0], ids[2])                             # the band set matters
+    bad = _copy(des, bands=("des.g", "des.r", "des.i", "lsst.q"))
+    with pytest.raises(RecordError, match="unknown band 'lsst.q'"):
+        tok.encode(bad)
+    with pytest.raises(RecordError, match="'image.bands'.*unknown band 'lsst.q'"):
+        tok.decode(ids[:1], like=bad)
+    big = _copy(des, flux=np.zeros((4, 48, 48), np.float32), ivar=np.ones((4, 48, 48), np.float32),
+                mask=np.zeros((4, 48, 48), bool))
+    with pytest.raises(RecordError, match=r"'image.flux'.*48x48.*32x32"):
+        tok.encode(big)
+    with pytest.raises(ValueError, match=r"expected tokens \(B, 64\)"):
+        tok.decode(ids[:, :10], like=des)
+    hiding = _image_tok(band_dropout=0.9).train()                      # hidden input bands still train
+    with torch.no_grad():
+        loss, _ = hiding.training_loss(sky["image.hsc"][:4])
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_image_masked_pixels_do_not_affect_the_loss(sky):
+    tok = _image_tok()
+    recs = sky["image.des"][:2] + sky["image.hsc"][:2]
+    loss, metrics = tok.training_loss(recs)
+    assert metrics["recon"] > 0 and 0 < metrics["codes_used"] <= 1
+    rng = np.random.default_rng(0)
+    changed = []
+    for r in recs:
+        mask = r.mask | (rng.random(r.mask.shape) < 0.1)
+        flux = np.where(mask, 1e6, r.flux).astype(np.float32)          # garbage under the mask
+        flux[mask & (rng.random(r.mask.shape) < 0.5)] = np.nan
+        changed.append(_copy(r, mask=mask, flux=flux, ivar=np.where(mask, 0, r.ivar).astype(np.float32)))
+    masked_more, _ = tok.training_loss(changed)
+    assert torch.isfinite(masked_more)
+    # the same extra mask with the true flux kept under it gives exactly the same loss
+    kept = [_copy(c, flux=np.where(c.mask, r.flux, c.flux).astype(np.float32)) for c, r in zip(changed, recs)]
+    kept_loss, _ = tok.training_loss(kept)
+    assert float(masked_more.detach()) == pytest.approx(float(kept_loss.detach()), rel=1e-6)
+    assert torch.equal(tok.encode(changed), tok.encode(kept))
+
+
+def test_image_save_load_and_learning(sky, tmp_path):
+    tok = _image_tok()
+    recs = sky["image.des"][:4] + sky["image.hsc"][:4]
+    tok.train()
+    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    losses = []
+    for _ in range(20):
+        loss, _ = tok.training_loss(recs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+    tok.eval()
+    ids = tok.encode(recs)
+    tok.save(tmp_path / "image")
+    for again in (ImageTokenizer.from_pretrained(tmp_path / "image"), load_tokenizer(tmp_path / "image")):
+        assert isinstance(again, ImageTokenizer) and again.config == tok.config
+        assert torch.equal(again.encode(recs), ids)
+        a, b = tok.decode(ids, like=recs), again.decode(ids, like=recs)
+        assert all(np.array_equal(x.flux, y.flux) for x, y in zip(a, b))
+
+
+# -- spectrum ----------------------------------------------------------------------------------
+def test_spectrum_shapes_scale_token_and_batch_of_one(sky):
+    tok = _spectrum_tok()
+    assert tok.kind == "spectrum" and tok.vocab_size == 1000 and tok.n_tokens == 129
+    recs = sky["spectrum.sdss"][:3] + sky["spectrum.desi"][:3]         # two native grids together
+    ids = tok.encode(recs)
+    assert ids.shape == (6, 129) and ids.dtype == torch.long
+    assert int(ids.min()) >= 0 and int(ids.max()) < tok.vocab_size
+    assert torch.equal(tok.encode(recs[4]), ids[4:5])
+    # token 0 is the flux scale: x 10^0.7 (100 bins of 0.007 dex) moves it by 100, the shape stays
+    k = 10 ** 0.7
+    brighter = [_copy(r, flux=r.flux * k, ivar=r.ivar / k ** 2) for r in recs]
+    ids2 = tok.encode(brighter)
+    assert torch.equal(ids2[:, 0], ids[:, 0] + 100)
+    assert (ids2[:, 1:] == ids[:, 1:]).float().mean() > 0.98
+
+
+def test_spectrum_rebinning_propagates_ivar():
+    tok = _spectrum_tok()
+    wl = 3600.0 + 0.8 * np.arange(7781)                                # DESI-like linear grid
+    ivar = np.full(wl.shape, 4.0, np.float32)
+    rec = Spectrum(np.full(wl.shape, 2.5, np.float32), ivar, np.zeros(wl.shape, bool), wl, "desi",
+                   np.full(wl.shape, 3000.0, np.float32), object_id="flat")
+    flux, ivar_int = tok.rebin(rec)
+    inside = (tok.wavelength > 3610) & (tok.wavelength < 9810)
+    assert np.allclose(flux[inside], 2.5, rtol=1e-5)
+    width = tok.wavelength * (np.log(10000 / 3500) / 2048)             # internal pixel width, A
+    assert np.allclose(ivar_int[inside], 4.0 * width[inside] / 0.8, rtol=0.02)   # ivar adds up
+    assert np.all(ivar_int[tok.wavelength < 3590] == 0) and np.all(ivar_int[tok.wavelength > 9830] == 0)
+    # a masked pixel gets weight 0: its flux cannot leak in
+    rec2 = _copy(rec, mask=np.isin(np.arange(7781), [3000, 3001]))
+    rec2.flux[3000:3002] = 1e9
+    rec2.ivar[3000:3002] = 0
+    flux2, _ = tok.rebin(rec2)
+    assert np.allclose(flux2[inside], 2.5, rtol=1e-5)
+
+
+def test_spectrum_decode_onto_another_grid(sky):
+    tok = _spectrum_tok()
+    sdss, desi = sky["spectrum.sdss"][:2], sky["spectrum.desi"][0]
+    ids = tok.encode(sdss)
+    out = tok.decode(ids, like=desi)                                   # SDSS tokens -> DESI grid
+    for d in out:
+        assert d.instrument == "desi" and np.array_equal(d.wavelength, desi.wavelength)
+        assert d.flux.shape == desi.flux.shape and np.isfinite(d.flux).all()
+        assert np.array_equal(d.resolution, desi.resolution) and not d.mask.any()
+        d.validate()
+    wide = np.linspace(3000.0, 11000.0, 500)                           # reaches outside 3500-10000
+    tpl = Spectrum(np.zeros(500, np.float32), np.ones(500, np.float32), np.zeros(500, bool), wide,
+                   "boss", np.full(500, 2000.0, np.float32), object_id="wide")
+    [w] = tok.decode(ids[:1], like=tpl)
+    outside = (wide < 3500) | (wide > 10000)
+    assert np.array_equal(w.mask, outside) and np.all(w.ivar[outside] == 0) and np.all(w.flux[outside] == 0)
+    strict = _spectrum_tok(out_of_range="error")
+    with pytest.raises(RecordError, match="'wide'.*'spectrum.wavelength'"):
+        strict.decode(ids[:1], like=tpl)
+
+
+def test_spectrum_out_of_range_input(sky):
+    rec = sky["spectrum.desi"][0]
+    wl = np.concatenate([rec.wavelength, rec.wavelength[-1] + 0.8 * np.arange(1, 1001)])  # to 10624 A
+    n = len(wl)
+    pad = lambda a, v: np.concatenate([a, np.full(1000, v, a.dtype)])
+    ext = _copy(rec, wavelength=wl, flux=pad(rec.flux, 1e4), ivar=pad(rec.ivar, 1.0),
+                mask=pad(rec.mask, False), resolution=pad(rec.resolution, 5000.0))
+    tok = _spectrum_tok()
+    ids = tok.encode(ext)
+    assert tok.n_out_of_range == int(((wl > 10000) & ~ext.mask).sum()) > 0
+    masked = _copy(ext, mask=ext.mask | (wl > 10000), ivar=np.where(wl > 10000, 0, ext.ivar).astype(np.float32))
+    assert torch.equal(ids, tok.encode(masked))                        # out of range == masked
+    strict = _spectrum_tok(out_of_range="error")
+    with pytest.raises(RecordError, match=f"{rec.object_id}.*'spectrum.wavelength'.*outside"):
+        strict.encode(ext)
+    assert strict.encode(masked).shape == (1, 129)                     # masked pixels are fine
+    in_nm = _copy(rec, wavelength=rec.wavelength / 10)                 # wrong units: nothing inside
+    with pytest.raises(RecordError, match="no unmasked pixel inside"):
+        tok.encode(in_nm)
+    assert n == len(ext.flux)
+
+
+def test_spectrum_masked_pixels_save_load_and_learning(sky, tmp_path):
+    tok = _spectrum_tok()
+    recs = sky["spectrum.sdss"][:4] + sky["spectrum.desi"][:4]
+    rng = np.random.default_rng(0)
+    extra = [r.mask | (rng.random(r.mask.shape) < 0.05) for r in recs]
+    garbage = [_copy(r, mask=m, flux=np.where(m, -1e5, r.flux).astype(np.float32),
+                     ivar=np.where(m, 0, r.ivar).astype(np.float32)) for r, m in zip(recs, extra)]
+    kept = [_copy(g, flux=np.where(g.mask, r.flux, g.flux).astype(np.float32)) for g, r in zip(garbage, recs)]
+    with torch.no_grad():
+        assert float(tok.training_loss(garbage)[0]) == pytest.approx(float(tok.training_loss(kept)[0]), rel=1e-6)
+
+    tok.train()
+    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss, metrics = tok.training_loss(recs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    tok.eval()
+    ids = tok.encode(recs)
+    tok.save(tmp_path / "spectrum")
+    again = Tokenizer.from_pretrained(tmp_path / "spectrum")
+    assert isinstance(again, SpectrumTokenizer) and torch.equal(again.encode(recs), ids)
+    a, b = tok.decode(ids, like=recs), again.decode(ids, like=recs)
+    assert all(np.array_equal(x.flux, y.flux) for x, y in zip(a, b))
+
+
+# -- real data ---------------------------------------------------------------------------------
+SDSS_SPECTRA = sorted((ROOT.parent / "shared" / "data" / "sdss_spectra").glob("spec-*.fits"))
+
+
+def _read_sdss(path) -> Spectrum:
+    """A real SDSS spec-lite file -> Spectrum (vacuum log-lambda grid; R from wdisp)."""
+    from astropy.io import fits
+    from omnisky.shards.schema import mask_invalid
+    with fits.open(path) as h:
+        d = h["COADD"].data
+        wl = (10.0 ** d["loglam"]).astype(np.float64)
+        flux, ivar, mask, _ = mask_invalid(np.asarray(d["flux"], np.float64), np.asarray(d["ivar"], np.float64),
+                                           np.asarray(d["and_mask"]) != 0)
+        wdisp = np.clip(np.asarray(d["wdisp"], np.float64), 0.3, None)  # LSF sigma, in 1e-4 dex pixels
+    R = 1.0 / (2.3548 * wdisp * np.log(10) * 1e-4)
+    return Spectrum(flux, ivar, mask, wl, "sdss", R.astype(np.float32), object_id=path.stem).validate()
+
+
+@pytest.mark.skipif(not SDSS_SPECTRA, reason="../shared/data/sdss_spectra is absent")
+def test_spectrum_real_sdss_round_trip():
+    tok = _spectrum_tok()
+    recs = [_read_sdss(p) for p in SDSS_SPECTRA]
+    ids = tok.encode(recs)
+    assert ids.shape == (len(recs), 129) and int(ids.max()) < tok.vocab_size
+    scale = tok.scale_value(ids[:, 0].numpy())
+    for r, s in zip(recs, scale):                                      # the scale token is the flux level
+        ok = ~r.mask
+        assert 0.5 < s / np.median(np.abs(r.flux[ok])) < 2.0, (r.object_id, s)
+    wl = 3600.0 + 0.8 * np.arange(7781)                                # decode onto a DESI grid
+    tpl = Spectrum(np.zeros_like(wl, np.float32), np.ones_like(wl, np.float32), np.zeros(wl.shape, bool),
+                   wl, "desi", np.full(wl.shape, 4000.0, np.float32), object_id="desi-grid")
+    for d in tok.decode(ids, like=tpl):
+        assert np.array_equal(d.wavelength, wl) and np.isfinite(d.flux).all()

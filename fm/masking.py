@@ -1,0 +1,151 @@
+"""4M-style input/target masking, run in the data workers (numpy only).
+
+    cfg = MaskingConfig(input_budget=128, target_budget=128)
+    rng = np.random.default_rng(0)
+    m = sample_masks({"image.des": ids_64, "scalar.redshift": ids_1}, table, cfg, rng)
+    m["enc_ids"]  # (input_budget,)  ...  m["dec_targets"]  # (target_budget,)
+
+For one object (which holds only some modalities):
+1. Input shares over the modalities the object HAS come from a Dirichlet distribution
+   whose concentration is drawn from a mixture (`input_alphas`; small alpha puts most of
+   the budget on one modality, large alpha spreads it). Each modality's input count is a
+   multinomial draw of `input_budget` with those shares, capped at the modality's tokens
+   (and `max_input_tokens[key]`). Budget a modality cannot use is not moved elsewhere:
+   it becomes padding, so sometimes an object is seen only through, say, its redshift.
+2. Target shares come from a second Dirichlet (`target_alphas`). `target_budget` is
+   filled from the tokens not chosen as inputs, moving budget a modality cannot use to
+   the others (every target slot is training signal), capped by `max_target_tokens`.
+3. At least one input and one target token are kept when the object has two or more
+   tokens. Which tokens of a modality are inputs or targets is a random permutation:
+   input and target positions are disjoint.
+
+Output (fixed sizes, so the collate is a stack): ids are local to their modality,
+`*_mod` is the modality's index in the table, `*_pos` the position inside the
+modality, `*_pad` is True at padding (whose other fields are 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .modality import ModalityTable
+
+
+@dataclass
+class MaskingConfig:
+    input_budget: int = 128              # encoder tokens per object (Nin)
+    target_budget: int = 128             # decoder tokens per object (Ndec)
+    input_alphas: tuple[float, ...] = (0.2, 1.0, 5.0)   # Dirichlet mixture, chosen uniformly
+    target_alphas: tuple[float, ...] = (0.2, 1.0, 5.0)
+    max_input_tokens: dict[str, int] = field(default_factory=dict)   # per-modality caps
+    max_target_tokens: dict[str, int] = field(default_factory=dict)
+    seed: int = 0                        # base seed of the masking RNG in the data workers
+
+    def __post_init__(self):
+        if self.input_budget < 1 or self.target_budget < 1:
+            raise ValueError(f"MaskingConfig: budgets must be >= 1, got {self.input_budget}, {self.target_budget}")
+        for name in ("input_alphas", "target_alphas"):
+            alphas = tuple(getattr(self, name))
+            if not alphas or any(a <= 0 for a in alphas):
+                raise ValueError(f"MaskingConfig.{name}: need positive concentrations, got {alphas}")
+            setattr(self, name, alphas)
+
+
+def _dirichlet(n: int, alphas: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """Shares over n modalities from a uniform mixture of symmetric Dirichlets."""
+    alpha = alphas[rng.integers(len(alphas))]
+    p = rng.dirichlet(np.full(n, alpha))
+    p = np.nan_to_num(p, nan=0.0)   # tiny alphas can underflow every component
+    return p / p.sum() if p.sum() > 0 else np.full(n, 1.0 / n)
+
+
+def _fill(budget: int, weights: np.ndarray, room: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Spread `budget` over modalities by `weights`, never past `room`; what one cannot
+    take goes to the others (weights renormalised over those with room)."""
+    counts = np.zeros_like(room)
+    room = room.copy()
+    budget = min(budget, int(room.sum()))
+    while budget > 0:
+        w = np.where(room > 0, weights, 0.0)
+        w = w / w.sum() if w.sum() > 0 else (room > 0) / (room > 0).sum()
+        draw = np.minimum(rng.multinomial(budget, w), room)
+        counts += draw
+        room -= draw
+        budget -= int(draw.sum())
+    return counts
+
+
+def check_tokens(tokens: Mapping[str, np.ndarray], table: ModalityTable, where: str = "object") -> dict[str, np.ndarray]:
+    """The object's tokens for the modalities in `table` (others are ignored), validated."""
+    out = {}
+    for key, ids in tokens.items():
+        if key not in table:
+            continue
+        spec = table[key]
+        ids = np.asarray(ids)
+        if ids.shape != (spec.n_tokens,):
+            raise ValueError(f"{where}: {key}: expected {spec.n_tokens} tokens, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{where}: {key}: token ids must be integers, got {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
+            raise ValueError(f"{where}: {key}: token ids must be in [0, {spec.vocab_size}), "
+                             f"got [{ids.min()}, {ids.max()}]")
+        out[key] = ids.astype(np.int64)
+    return out
+
+
+def sample_masks(tokens: Mapping[str, np.ndarray], table: ModalityTable, cfg: MaskingConfig,
+                 rng: np.random.Generator, where: str = "object") -> dict[str, np.ndarray]:
+    """One object's tokens -> fixed-size encoder inputs and decoder targets (see module doc)."""
+    tokens = check_tokens(tokens, table, where)
+    keys = [k for k in table.keys if k in tokens]   # table order
+    n_total = sum(table[k].n_tokens for k in keys)
+    if n_total < 2:
+        raise ValueError(f"{where}: needs at least 2 tokens of known modalities to mask, "
+                         f"has {n_total} ({keys})")
+    n = np.array([table[k].n_tokens for k in keys])
+    in_cap = np.array([min(table[k].n_tokens, cfg.max_input_tokens.get(k, table[k].n_tokens)) for k in keys])
+    tgt_cap = np.array([cfg.max_target_tokens.get(k, table[k].n_tokens) for k in keys])
+
+    # inputs: multinomial budget by Dirichlet shares, capped, no redistribution
+    p_in = _dirichlet(len(keys), cfg.input_alphas, rng)
+    n_in = np.minimum(rng.multinomial(cfg.input_budget, p_in), in_cap)
+    if n_in.sum() == 0:                                   # keep at least one input token
+        if not (in_cap > 0).any():
+            raise ValueError(f"{where}: max_input_tokens allow no input token for {keys}")
+        n_in[rng.choice(np.flatnonzero(in_cap > 0))] = 1
+    # targets: fill the budget from what is left, by Dirichlet shares
+    p_tgt = _dirichlet(len(keys), cfg.target_alphas, rng)
+    n_tgt = _fill(cfg.target_budget, p_tgt, np.minimum(n - n_in, tgt_cap), rng)
+    if n_tgt.sum() == 0:                                  # inputs took everything: give one back
+        give = np.flatnonzero((n_in > 0) & (tgt_cap > 0))
+        if not len(give) or n_in.sum() < 2:
+            raise ValueError(f"{where}: max_target_tokens/max_input_tokens leave no target token for {keys}")
+        j = rng.choice(give)
+        n_in[j] -= 1
+        n_tgt[j] = 1
+
+    enc = {f: [] for f in ("ids", "mod", "pos")}
+    dec = {f: [] for f in ("targets", "mod", "pos")}
+    for j, key in enumerate(keys):
+        order = rng.permutation(n[j])
+        pos_in = np.sort(order[:n_in[j]])
+        pos_tgt = np.sort(order[n_in[j]:n_in[j] + n_tgt[j]])
+        m = table.index(key)
+        enc["ids"].append(tokens[key][pos_in]); enc["pos"].append(pos_in); enc["mod"].append(np.full(len(pos_in), m))
+        dec["targets"].append(tokens[key][pos_tgt]); dec["pos"].append(pos_tgt); dec["mod"].append(np.full(len(pos_tgt), m))
+
+    out = {}
+    for prefix, parts, size in (("enc", enc, cfg.input_budget), ("dec", dec, cfg.target_budget)):
+        k = sum(len(a) for a in parts["pos"])
+        assert k <= size, (prefix, k, size)
+        for name, arrays in parts.items():
+            arr = np.zeros(size, np.int64)
+            arr[:k] = np.concatenate(arrays)
+            out[f"{prefix}_{name}"] = arr
+        pad = np.ones(size, bool)
+        pad[:k] = False
+        out[f"{prefix}_pad"] = pad
+    return out

@@ -1,0 +1,140 @@
+"""The modality table: which modalities the FM knows, their vocabularies and token counts.
+
+    table = ModalityTable.from_manifest("out/tokens")        # from omnisky-tokenize's manifest
+    table = ModalityTable.from_tokenizers({"image.hsc": tok, ...})
+    table.index("image.hsc"), table.vocab_offset("image.hsc"), table.total_vocab
+
+The table is data, never typed by hand twice: it is built from what the tokenizers
+declare (`vocab_size`, `n_tokens`) and saved beside the model. Modalities are kept in
+sorted key order, so the same set of modalities always gives the same table.
+
+The FM has one concatenated token embedding table: modality `m`'s local id `i` is row
+`vocab_offset(m) + i`. Learned position embeddings are concatenated the same way:
+position `p` of modality `m` is row `position_offset(m) + p`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    key: str         # 'image.hsc', 'spectrum.desi', 'scalar.redshift', ...
+    vocab_size: int  # local ids are in [0, vocab_size)
+    n_tokens: int    # tokens per object
+
+    def __post_init__(self):
+        if not self.key or "." not in self.key:
+            raise ValueError(f"modality key {self.key!r} must look like 'kind.name'")
+        if int(self.vocab_size) < 1 or int(self.n_tokens) < 1:
+            raise ValueError(f"modality {self.key!r}: vocab_size and n_tokens must be >= 1, "
+                             f"got {self.vocab_size}, {self.n_tokens}")
+
+    @property
+    def kind(self) -> str:
+        return self.key.split(".", 1)[0]
+
+
+class ModalityTable:
+    """An ordered set of `ModalitySpec`s with index, vocab and position offsets."""
+
+    def __init__(self, specs: list[ModalitySpec]):
+        specs = sorted(specs, key=lambda s: s.key)
+        keys = [s.key for s in specs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate modality keys in {keys}")
+        if not specs:
+            raise ValueError("a modality table needs at least one modality")
+        self.specs = specs
+        self.keys = keys
+        self._index = {k: i for i, k in enumerate(keys)}
+        self.vocab_offsets, self.position_offsets = [], []
+        v = p = 0
+        for s in specs:
+            self.vocab_offsets.append(v)
+            self.position_offsets.append(p)
+            v += s.vocab_size
+            p += s.n_tokens
+        self.total_vocab, self.total_positions = v, p
+
+    # -- lookups -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __iter__(self) -> Iterator[ModalitySpec]:
+        return iter(self.specs)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __getitem__(self, key: str) -> ModalitySpec:
+        return self.specs[self.index(key)]
+
+    def index(self, key: str) -> int:
+        if key not in self._index:
+            raise KeyError(f"modality {key!r} is not in the table; known: {self.keys}")
+        return self._index[key]
+
+    def vocab_offset(self, key: str) -> int:
+        return self.vocab_offsets[self.index(key)]
+
+    def position_offset(self, key: str) -> int:
+        return self.position_offsets[self.index(key)]
+
+    @property
+    def n_tokens(self) -> dict[str, int]:
+        return {s.key: s.n_tokens for s in self.specs}
+
+    @property
+    def vocab_sizes(self) -> dict[str, int]:
+        return {s.key: s.vocab_size for s in self.specs}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModalityTable) and self.specs == other.specs
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{s.key}(V={s.vocab_size}, n={s.n_tokens})" for s in self.specs)
+        return f"ModalityTable({rows})"
+
+    # -- construction and serialisation --------------------------------------------------
+    @classmethod
+    def from_dict(cls, modalities: Mapping[str, Mapping[str, Any]]) -> "ModalityTable":
+        """{key: {"vocab_size": V, "n_tokens": n, ...}} (extra fields such as 'kind' ignored)."""
+        specs = []
+        for key, d in modalities.items():
+            missing = [f for f in ("vocab_size", "n_tokens") if f not in d]
+            if missing:
+                raise ValueError(f"modality {key!r}: missing {missing} in {dict(d)}")
+            specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"])))
+        return cls(specs)
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens} for s in self.specs}
+
+    @classmethod
+    def from_manifest(cls, manifest: str | Path | Mapping) -> "ModalityTable":
+        """From a token-shard directory (its manifest.json) or an already-read manifest dict."""
+        if not isinstance(manifest, Mapping):
+            from ..shards.writer import read_manifest
+            where = str(manifest)
+            manifest = read_manifest(manifest)
+        else:
+            where = "manifest"
+        if "modalities" not in manifest:
+            raise ValueError(f"{where}: manifest has no 'modalities' (not a token-shard directory?)")
+        return cls.from_dict(manifest["modalities"])
+
+    @classmethod
+    def from_tokenizers(cls, tokenizers: Mapping[str, Any]) -> "ModalityTable":
+        """{modality_key: tokenizer}: each tokenizer declares `vocab_size` and `n_tokens`."""
+        return cls([ModalitySpec(k, int(t.vocab_size), int(t.n_tokens)) for k, t in tokenizers.items()])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModalityTable":
+        return cls.from_dict(json.loads(text))

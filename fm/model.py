@@ -1,0 +1,311 @@
+"""FourM: the masked multimodal encoder-decoder transformer (4M / AION-1 style).
+
+    model = FourM(FMConfig(dim=256), ModalityTable.from_manifest("out/tokens"))
+    loss, per_modality = model(batch)                 # batch from fm.data.collate
+    emb, pad = model.encode({"image.des": ids})       # (B, N, D), (B, N)
+    vec = model.embed({"image.des": ids})             # (B, D)
+    out = model.logits({"image.des": ids}, {"image.hsc": positions})   # {key: (B, m, V)}
+
+Tokens of every modality share one embedding table (local ids are offset per
+modality) and get a modality embedding plus a learned per-modality position embedding.
+The encoder self-attends over the given tokens (padding masked). The decoder's queries
+are modality + position embeddings of the tokens to predict; they self-attend only
+within their own modality and cross-attend to the encoder. Each modality has its own
+output head, so its logits range over its own vocabulary only.
+
+In `encode`/`embed`/`logits`, inputs are `{key: LongTensor (B, n_key)}` with -1 where a
+token is not given (a partly known modality); a modality absent from the dict is not
+given at all. Given tokens are packed to the front of each row and unused columns are
+dropped, so the encoder only sees what is known.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import from_dict, to_dict
+from .attention import BACKENDS, get_attention
+from .modality import ModalityTable
+
+
+@dataclass
+class FMConfig:
+    dim: int = 256
+    enc_depth: int = 4
+    dec_depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    swiglu: bool = False         # SwiGLU MLP (hidden 2/3 of mlp_ratio*dim: about the same params)
+    qk_norm: bool = False        # RMSNorm on queries and keys, per head
+    bias: bool = False           # biases in Linear and LayerNorm
+    dropout: float = 0.0         # on residual branches and embeddings
+    attention: str = "sdpa"      # 'sdpa' | 'xformers' | 'reference'
+    checkpointing: bool = False  # activation checkpointing of every block when training
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ValueError(f"FMConfig: dim {self.dim} is not divisible by heads {self.heads}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"FMConfig: unknown attention {self.attention!r}; choose from {sorted(BACKENDS)}")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: FMConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.swiglu = cfg.swiglu
+        if cfg.swiglu:
+            hidden = (int(2 * hidden / 3) + 7) // 8 * 8   # same parameters, a multiple of 8
+        self.fc = nn.Linear(cfg.dim, 2 * hidden if cfg.swiglu else hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            a, gate = h.chunk(2, dim=-1)
+            h = a * F.silu(gate)
+        else:
+            h = F.gelu(h)
+        return self.drop(self.proj(h))
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention, or cross-attention when given a context."""
+
+    def __init__(self, cfg: FMConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        head_dim = cfg.dim // cfg.heads
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else nn.Identity()
+        self.attend = get_attention(cfg.attention)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, context=None):
+        context = x if context is None else context
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)                    # (B, H, Nq, d)
+        k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)  # (B, H, Nk, d)
+        out = self.attend(self.q_norm(q), self.k_norm(k), v, mask)                        # (B, H, Nq, d)
+        out = rearrange(out, "b h n d -> b n (h d)")                                       # (B, Nq, D)
+        return self.drop(self.proj(out))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with `cross=True` a cross-attention sits between."""
+
+    def __init__(self, cfg: FMConfig, cross: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, bias=cfg.bias)
+        self.attn = Attention(cfg)
+        self.norm_cross = nn.LayerNorm(cfg.dim, bias=cfg.bias) if cross else None
+        self.cross = Attention(cfg) if cross else None
+        self.norm2 = nn.LayerNorm(cfg.dim, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask, context=None, context_mask=None):
+        x = x + self.attn(self.norm1(x), mask)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context_mask, context)
+        return x + self.mlp(self.norm2(x))
+
+
+class FourM(nn.Module):
+    def __init__(self, config: FMConfig, table: ModalityTable):
+        super().__init__()
+        self.config, self.table = config, table
+        D = config.dim
+        self.tok_emb = nn.Embedding(table.total_vocab, D)       # every modality's ids, offset
+        self.mod_emb = nn.Embedding(len(table), D)
+        self.pos_emb = nn.Embedding(table.total_positions, D)   # per-modality positions, offset
+        self.register_buffer("vocab_offsets", torch.tensor(table.vocab_offsets), persistent=False)
+        self.register_buffer("position_offsets", torch.tensor(table.position_offsets), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(Block(config) for _ in range(config.enc_depth))
+        self.enc_norm = nn.LayerNorm(D, bias=config.bias)
+        self.decoder = nn.ModuleList(Block(config, cross=True) for _ in range(config.dec_depth))
+        self.dec_norm = nn.LayerNorm(D, bias=config.bias)
+        self.heads = nn.ModuleList(nn.Linear(D, s.vocab_size, bias=config.bias) for s in table)
+        self.apply(self._init_weights)
+        depth = config.enc_depth + config.dec_depth
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # residual projections, scaled as in GPT-2
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    # -- the network ---------------------------------------------------------------------
+    def _embed_tokens(self, ids, mod, pos):
+        """Gathered (budgeted) tokens -> (B, N, D): token + modality + position embeddings."""
+        return (self.tok_emb(ids + self.vocab_offsets[mod]) + self.mod_emb(mod)
+                + self.pos_emb(pos + self.position_offsets[mod]))
+
+    def _queries(self, mod, pos):
+        """Decoder queries (B, M, D): modality + position embeddings of the targets."""
+        return self.mod_emb(mod) + self.pos_emb(pos + self.position_offsets[mod])
+
+    def _block(self, block, *args):
+        if self.config.checkpointing and self.training:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _encode(self, ids, mod, pos, pad):
+        """(B, N) ids/mod/pos/pad -> normalised encoder output (B, N, D)."""
+        x = self.drop(self._embed_tokens(ids, mod, pos))
+        mask = rearrange(~pad, "b n -> b 1 1 n")                            # (B, 1, 1, N) keys
+        for block in self.encoder:
+            x = self._block(block, x, mask)
+        return self.enc_norm(x)
+
+    def _decode(self, context, enc_pad, mod, pos, pad):
+        """Decoder over targets (B, M) mod/pos/pad, cross-attending to context -> (B, M, D)."""
+        y = self.drop(self._queries(mod, pos))
+        same = rearrange(mod, "b m -> b m 1") == rearrange(mod, "b m -> b 1 m")  # (B, M, M)
+        self_mask = rearrange(same & rearrange(~pad, "b m -> b 1 m"), "b q k -> b 1 q k")
+        cross_mask = rearrange(~enc_pad, "b n -> b 1 1 n")                  # (B, 1, 1, N)
+        for block in self.decoder:
+            y = self._block(block, y, self_mask, context, cross_mask)
+        return self.dec_norm(y)
+
+    # -- training ------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, torch.Tensor]):
+        """batch (from fm.data.collate): enc_ids/enc_mod/enc_pos/enc_pad (B, Nin),
+        dec_mod/dec_pos/dec_targets/dec_pad (B, Ndec). Returns (loss, {key: loss}), where
+        loss is the mean over the modalities present of their mean cross-entropy."""
+        context = self._encode(batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_pad"])
+        h = self._decode(context, batch["enc_pad"], batch["dec_mod"], batch["dec_pos"], batch["dec_pad"])
+        valid = ~batch["dec_pad"]
+        counts = torch.bincount(batch["dec_mod"][valid], minlength=len(self.table)).tolist()
+        losses, unused = {}, h.new_zeros(())
+        for m, spec in enumerate(self.table):
+            sel = valid & (batch["dec_mod"] == m)                           # (B, Ndec)
+            logits = self.heads[m](h[sel])                                  # (K, V_m)
+            if counts[m]:
+                losses[spec.key] = F.cross_entropy(logits.float(), batch["dec_targets"][sel])
+            else:  # keep every head in the graph (DDP / ZeRO expect a gradient for each)
+                unused = unused + 0.0 * logits.sum()
+        if not losses:
+            raise ValueError("batch has no target tokens (every dec_pad is True)")
+        loss = torch.stack(list(losses.values())).mean() + unused
+        return loss, losses
+
+    # -- inference -----------------------------------------------------------------------
+    def _pack_inputs(self, inputs: Mapping[str, torch.Tensor], batch: int | None = None):
+        """{key: (B, n_key), -1 = not given} -> ids, mod, pos, pad (B, N), given tokens first."""
+        unknown = sorted(set(inputs) - set(self.table.keys))
+        if unknown:
+            raise KeyError(f"input modalities {unknown} are not in the model; known: {self.table.keys}")
+        ids, mods, poss = [], [], []
+        for key in self.table.keys:
+            if key not in inputs:
+                continue
+            spec, t = self.table[key], torch.as_tensor(inputs[key], device=self.device)
+            if t.dim() != 2 or t.shape[1] != spec.n_tokens or (batch is not None and t.shape[0] != batch):
+                raise ValueError(f"inputs[{key!r}]: expected shape ({batch or 'B'}, {spec.n_tokens}), got {tuple(t.shape)}")
+            if t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"inputs[{key!r}]: token ids must be integers, got {t.dtype}")
+            if t.numel() and (t.min() < -1 or t.max() >= spec.vocab_size):
+                raise ValueError(f"inputs[{key!r}]: ids must be in [-1, {spec.vocab_size}), got [{t.min()}, {t.max()}]")
+            batch = t.shape[0]
+            ids.append(t.long())
+            mods.append(torch.full_like(ids[-1], self.table.index(key)))
+            poss.append(torch.arange(spec.n_tokens, device=self.device).expand(batch, -1))
+        if batch is None:
+            raise ValueError("encode: no inputs given and no batch size to infer")
+        if not ids:  # nothing given: one padding column, the encoder output is all masked
+            z = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            return z, z, z, torch.ones(batch, 1, dtype=torch.bool, device=self.device)
+        ids, mod, pos = torch.cat(ids, 1), torch.cat(mods, 1), torch.cat(poss, 1)   # (B, N)
+        given = ids >= 0
+        order = torch.argsort((~given).to(torch.int8), dim=1, stable=True)          # given first
+        ids, mod, pos, given = (t.gather(1, order) for t in (ids, mod, pos, given))
+        n = max(int(given.sum(1).max()), 1)
+        return ids[:, :n].clamp_min(0), mod[:, :n], pos[:, :n], ~given[:, :n]
+
+    def encode(self, inputs: Mapping[str, torch.Tensor]):
+        """-> (emb (B, N, D) encoder output, pad (B, N) True where nothing was given)."""
+        ids, mod, pos, pad = self._pack_inputs(inputs)
+        return self._encode(ids, mod, pos, pad), pad
+
+    def embed(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the encoder output over the given tokens: (B, D); zeros where none given."""
+        emb, pad = self.encode(inputs)
+        w = rearrange((~pad).to(emb.dtype), "b n -> b n 1")
+        return (emb * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def logits(self, inputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]):
+        """targets {key: LongTensor (B, m) positions to predict} -> {key: (B, m, V_key)}."""
+        if not targets:
+            raise ValueError("logits: no targets given")
+        mods, poss, sizes = [], [], []
+        batch = None
+        for key, positions in targets.items():
+            spec = self.table[key]
+            p = torch.as_tensor(positions, device=self.device).long()
+            if p.dim() != 2 or (batch is not None and p.shape[0] != batch):
+                raise ValueError(f"targets[{key!r}]: expected positions of shape (B, m), got {tuple(p.shape)}")
+            if p.numel() and (p.min() < 0 or p.max() >= spec.n_tokens):
+                raise ValueError(f"targets[{key!r}]: positions must be in [0, {spec.n_tokens})")
+            batch = p.shape[0]
+            poss.append(p)
+            mods.append(torch.full_like(p, self.table.index(key)))
+            sizes.append(p.shape[1])
+        ids, emod, epos, epad = self._pack_inputs(inputs, batch)
+        context = self._encode(ids, emod, epos, epad)
+        mod, pos = torch.cat(mods, 1), torch.cat(poss, 1)                  # (B, M)
+        h = self._decode(context, epad, mod, pos, torch.zeros_like(mod, dtype=torch.bool))
+        out = {}
+        for key, hk in zip(targets, h.split(sizes, dim=1)):                 # (B, m, D) each
+            out[key] = self.heads[self.table.index(key)](hk)                # (B, m, V_key)
+        return out
+
+    # -- saving --------------------------------------------------------------------------
+    def save(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """dir/config.json ({"fm": FMConfig, "modalities": table}) + dir/model.safetensors.
+        `state_dict` overrides the module's own (e.g. parameters gathered from ZeRO-3)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
+        cfg = {"fm": to_dict(self.config), "modalities": self.table.to_dict()}
+        (d / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu",
+                        attention: str | None = None) -> "FourM":
+        """Load a saved model; `attention` swaps the backend (e.g. 'sdpa' for an xformers
+        model on a CPU)."""
+        d = Path(directory)
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"{d}: no config.json (not a saved FourM)")
+        cfg = json.loads((d / "config.json").read_text())
+        if attention is not None:
+            cfg["fm"]["attention"] = attention
+        model = cls(from_dict(FMConfig, cfg["fm"]), ModalityTable.from_dict(cfg["modalities"]))
+        model.load_state_dict(load_file(str(d / "model.safetensors"), device=map_location))
+        return model.to(map_location).eval()

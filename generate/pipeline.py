@@ -1,0 +1,134 @@
+"""The one place that joins tokenizers and the FM: observations in, observations out.
+
+    sky = Pipeline.from_pretrained("demo_out/fm/model", "demo_out/tokenizers")
+    hsc = sky.translate(samples, source="image.des", target="image.hsc")    # list[list[Image]]
+    desi = sky.superres(samples)                                              # SDSS -> DESI
+    img = sky.sample(samples, given=["scalar.redshift", "scalar.flux_r"], target="image.hsc")
+    post = sky.predict(samples, given=["image.des"], target="scalar.redshift")
+    emb = sky.embed(samples, given=["image.des"])                             # (B, D)
+
+`samples` are `shards.schema.Sample`s (from `shards.reader.stream` or built by hand);
+a given modality an object lacks is simply not given for that object. `like` gives the
+target's template records (bands, pixel scale, wavelength grid); by default each
+object's own target record where it has one, else the survey's standard template.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..fm.model import FourM
+from ..shards.schema import Sample, modality_kind
+from ..tokenizers.base import Tokenizer, load_tokenizer
+from .sampler import generate, token_probabilities
+from .schedule import TargetSchedule
+from .templates import template_for
+
+
+class Pipeline:
+    def __init__(self, model: FourM, tokenizers: dict[str, Tokenizer]):
+        self.model = model.eval()
+        self.tokenizers = tokenizers  # kind -> tokenizer
+        self.n_tokens = dict(model.table.n_tokens)
+
+    @classmethod
+    def from_pretrained(cls, fm_dir: str | Path, tokenizers_dir: str | Path) -> "Pipeline":
+        tokenizers = {}
+        for kind in ("image", "spectrum", "scalar"):
+            d = Path(tokenizers_dir) / kind
+            if (d / "config.json").exists():
+                tokenizers[kind] = load_tokenizer(d)
+        if not tokenizers:
+            raise FileNotFoundError(f"{tokenizers_dir}: no image/, spectrum/ or scalar/ tokenizer found")
+        return cls(FourM.from_pretrained(fm_dir), tokenizers)
+
+    def tokenizer(self, key: str) -> Tokenizer:
+        kind = modality_kind(key)
+        if kind not in self.tokenizers:
+            raise KeyError(f"no {kind} tokenizer loaded for modality {key!r}")
+        return self.tokenizers[kind]
+
+    # -- tokens in ---------------------------------------------------------------------
+    @torch.no_grad()
+    def tokenize(self, samples: Sequence[Sample], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{key: LongTensor (B, n)}; rows of objects lacking `key` are all -1 (not given)."""
+        out = {}
+        for key in keys:
+            if key not in self.n_tokens:
+                raise KeyError(f"modality {key!r} is not in the model; known: {sorted(self.n_tokens)}")
+            have = [i for i, s in enumerate(samples) if key in s.records]
+            if not have:
+                continue
+            ids = torch.full((len(samples), self.n_tokens[key]), -1, dtype=torch.long)
+            ids[have] = self.tokenizer(key).encode([samples[i].records[key] for i in have]).long()
+            out[key] = ids
+        return out
+
+    def _likes(self, samples: Sequence[Sample], target: str, like) -> list:
+        if like is None:
+            size = getattr(getattr(self.tokenizer(target), "config", None), "size", 32)
+            return [s.records.get(target) or template_for(target, image_size=size) for s in samples]
+        if isinstance(like, (list, tuple)):
+            if len(like) != len(samples):
+                raise ValueError(f"like: {len(like)} templates for {len(samples)} objects")
+            return list(like)
+        return [like] * len(samples)
+
+    # -- generation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_tokens(self, samples: Sequence[Sample], given: Sequence[str], target: str,
+                        n_samples: int = 1, seed: int = 0, **schedule) -> list[torch.Tensor]:
+        """n_samples LongTensors (B, n_target) of target tokens given `given`."""
+        inputs = self.tokenize(samples, given)
+        if not inputs:
+            raise ValueError(f"none of the objects has any of the given modalities {list(given)}")
+        steps = [TargetSchedule(target, **schedule)]
+        return [generate(self.model, inputs, steps, self.n_tokens, seed=seed + k)[target]
+                for k in range(n_samples)]
+
+    def sample(self, samples: Sequence[Sample], given: Sequence[str], target: str, like=None,
+               n_samples: int = 1, seed: int = 0, **schedule) -> list[list]:
+        """Records of `target` given `given`: a list over objects of `n_samples` records."""
+        likes = self._likes(samples, target, like)
+        draws = self.generate_tokens(samples, given, target, n_samples, seed, **schedule)
+        decoded = [self.tokenizer(target).decode(tokens, like=likes) for tokens in draws]
+        return [[decoded[k][i] for k in range(n_samples)] for i in range(len(samples))]
+
+    def translate(self, samples, source: str = "image.des", target: str = "image.hsc", **kw):
+        """Survey translation: the `target` survey's image from the `source` survey's."""
+        return self.sample(samples, [source], target, **kw)
+
+    def superres(self, samples, source: str = "spectrum.sdss", target: str = "spectrum.desi", **kw):
+        """Spectrum super-resolution: the `target` instrument's spectrum from `source`'s."""
+        return self.sample(samples, [source], target, **kw)
+
+    # -- posteriors and embeddings -------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, samples: Sequence[Sample], given: Sequence[str],
+                target: str = "scalar.redshift") -> dict[str, np.ndarray]:
+        """Posterior of a one-token scalar from its bin probabilities.
+
+        Returns {'median', 'lo68', 'hi68', 'mean'} arrays (B,) in the scalar's units and
+        'probs' (B, n_bins), 'centres' (n_bins,)."""
+        tok = self.tokenizer(target)
+        name = target.split(".", 1)[1]
+        inputs = self.tokenize(samples, given)
+        probs = token_probabilities(self.model, inputs, target, 1)[:, 0].numpy()    # (B, V)
+        edges = np.asarray(tok.bin_edges(name), dtype=np.float64)                     # (V+1,)
+        centres = np.asarray(tok.bin_centres(name), dtype=np.float64)                 # (V,)
+        cdf = np.cumsum(probs, axis=1)
+        def quantile(q):  # linear within the bin that crosses q
+            i = np.clip((cdf < q).sum(1), 0, probs.shape[1] - 1)
+            below = np.where(i > 0, cdf[np.arange(len(i)), i - 1], 0.0)
+            frac = np.clip((q - below) / np.maximum(probs[np.arange(len(i)), i], 1e-12), 0, 1)
+            return edges[i] + frac * (edges[i + 1] - edges[i])
+        return dict(median=quantile(0.5), lo68=quantile(0.16), hi68=quantile(0.84),
+                    mean=probs @ centres, probs=probs, centres=centres)
+
+    @torch.no_grad()
+    def embed(self, samples: Sequence[Sample], given: Sequence[str]) -> np.ndarray:
+        """Pooled encoder embeddings (B, D) of the given modalities."""
+        return self.model.embed(self.tokenize(samples, given)).float().numpy()

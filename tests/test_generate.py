@@ -1,0 +1,220 @@
+"""Generation: schedules, the MaskGIT/ROAR sampler on a real trained FM, the baselines,
+and the whole `omnisky-generate` CLI on tiny real tokenizers, FM and shards."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+
+from omnisky.fm.data import MaskedTokenStream, make_loader
+from omnisky.fm.masking import MaskingConfig
+from omnisky.fm.modality import ModalityTable
+from omnisky.generate.baselines import interpolate_spectrum, resample_image
+from omnisky.generate.sampler import filter_logits, generate, token_probabilities
+from omnisky.generate.schedule import TargetSchedule, schedule_from_json, schedule_to_json
+from omnisky.generate.templates import template_for
+from omnisky.shards.writer import shard_urls
+
+from test_fm import TINY, small_model, structured_tokens, write_token_shards
+
+
+# -- schedules ------------------------------------------------------------------------------
+@pytest.mark.parametrize("token_schedule", ["cosine", "linear"])
+def test_token_schedule_reveals_everything_monotonically(token_schedule):
+    s = TargetSchedule("image.hsc", steps=6, token_schedule=token_schedule)
+    left = [s.n_masked_after(t, 64) for t in range(1, 7)]
+    assert left[-1] == 0 and all(a >= b for a, b in zip(left, left[1:])) and left[0] < 64
+
+
+def test_temperature_schedules_and_json_round_trip():
+    lin = TargetSchedule("x.y", steps=5, temperature=2.0, temperature_end=0.5, temperature_schedule="linear")
+    ann = TargetSchedule("x.y", steps=5, temperature=2.0, temperature_end=0.5, temperature_schedule="annealed")
+    assert lin.temperature_at(1) == pytest.approx(2.0) and lin.temperature_at(5) == pytest.approx(0.5)
+    assert ann.temperature_at(1) == pytest.approx(2.0) and ann.temperature_at(5) == pytest.approx(0.5)
+    assert ann.temperature_at(2) > lin.temperature_at(2)  # cosine stays hot longer
+    assert schedule_from_json(json.loads(json.dumps(schedule_to_json([lin, ann])))) == [lin, ann]
+    with pytest.raises(ValueError, match="scheme"):
+        TargetSchedule("x.y", scheme="beam")
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    assert torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7)[0])
+    assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
+
+
+# -- the sampler on a trained model ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The structured-token FM of test_fm, trained until it predicts image.b from image.a."""
+    torch.set_num_threads(1)
+    d = write_token_shards(tmp_path_factory.mktemp("tok"), n_objects=200)
+    table = ModalityTable.from_manifest(d)
+    model = small_model(table)
+    loader = make_loader(MaskedTokenStream(shard_urls(d), table, MaskingConfig(24, 24, seed=1), seed=0),
+                         batch_size=32, num_workers=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))
+    for _, batch in zip(range(200), loader):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        warmup.step()
+    return model.eval(), table
+
+
+def _tokens(key, zs):
+    return torch.stack([torch.from_numpy(structured_tokens(z)[key]).long() for z in zs])
+
+
+@pytest.mark.parametrize("scheme", ["maskgit", "roar"])
+def test_sampler_translates_and_is_seeded(trained, scheme):
+    model, table = trained
+    zs = list(range(16))
+    inputs = {"image.a": _tokens("image.a", zs)}
+    sched = [TargetSchedule("image.b", scheme=scheme, steps=4, temperature=0.5)]
+    out = generate(model, inputs, sched, table.n_tokens, seed=3)
+    b = out["image.b"]
+    assert b.shape == (16, TINY["image.b"][1]) and (b >= 0).all() and (b < TINY["image.b"][0]).all()
+    assert (b == _tokens("image.b", zs)).float().mean() > 0.9       # the model's knowledge, used
+    again = generate(model, inputs, sched, table.n_tokens, seed=3)["image.b"]
+    assert torch.equal(b, again)                                     # same seed, same tokens
+    assert torch.equal(out["image.a"], inputs["image.a"])            # the given stays given
+
+
+def test_sampler_chains_targets_keeps_known_tokens_and_runs_guidance(trained):
+    model, table = trained
+    zs = [5]                                                         # a batch of one
+    partial = _tokens("image.b", zs).clone()
+    partial[:, 4:] = -1                                              # first 4 tokens known
+    sched = [TargetSchedule("image.b", steps=3, guidance=1.5, top_k=8),
+             TargetSchedule("scalar.z", steps=1, temperature=0.1)]
+    out = generate(model, {"image.b": partial}, sched, table.n_tokens, seed=0)
+    assert torch.equal(out["image.b"][:, :4], partial[:, :4]) and (out["image.b"] >= 0).all()
+    assert out["scalar.z"].shape == (1, 1)
+    assert int(out["scalar.z"]) == int(structured_tokens(5)["scalar.z"][0])  # chained: z from image.b
+    with pytest.raises(KeyError, match="not a modality"):
+        generate(model, {"image.a": _tokens("image.a", zs)}, [TargetSchedule("image.q")], table.n_tokens)
+
+
+def test_token_probabilities_are_a_posterior(trained):
+    model, table = trained
+    probs = token_probabilities(model, {"image.a": _tokens("image.a", [2, 9])}, "scalar.z", 1)
+    assert probs.shape == (2, 1, TINY["scalar.z"][0])
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 1))
+    truth = [int(structured_tokens(z)["scalar.z"][0]) for z in (2, 9)]
+    assert probs[:, 0].argmax(-1).tolist() == truth
+
+
+# -- baselines -------------------------------------------------------------------------------
+def _gaussian_image(key, sigma_arcsec=0.8, mag=19.0):
+    img = template_for(key, image_size=32)
+    c, h, w = img.flux.shape
+    y, x = (np.mgrid[:h, :w] - (h - 1) / 2) * img.pixel_scale
+    prof = np.exp(-0.5 * (x ** 2 + y ** 2) / sigma_arcsec ** 2)
+    total = 10 ** (-0.4 * (mag - img.zero_point))
+    img.flux = (np.repeat(prof[None], c, 0) / prof.sum() * total).astype(np.float32)
+    return img
+
+
+def test_resampling_baseline_conserves_flux_in_ab_units():
+    des, hsc = _gaussian_image("image.des"), _gaussian_image("image.hsc")
+    out = resample_image(des, template_for("image.hsc", image_size=32))
+    assert out.flux.shape == hsc.flux.shape and out.bands == hsc.bands
+    np.testing.assert_allclose(out.flux.sum((1, 2)), hsc.flux.sum((1, 2)), rtol=0.03)  # same AB magnitude
+    np.testing.assert_allclose(out.flux, hsc.flux, atol=0.03 * hsc.flux.max())
+
+
+def test_interpolation_baseline_masks_outside_the_source_range():
+    sdss, desi = template_for("spectrum.sdss"), template_for("spectrum.desi")
+    sdss.flux = (1 + sdss.wavelength / 1e4).astype(np.float32)
+    out = interpolate_spectrum(sdss, desi)
+    inside = (desi.wavelength >= sdss.wavelength[0]) & (desi.wavelength <= sdss.wavelength[-1])
+    assert np.all(out.mask == ~inside)
+    np.testing.assert_allclose(out.flux[inside], 1 + desi.wavelength[inside] / 1e4, rtol=1e-5)
+
+
+# -- the whole CLI on tiny real parts --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models(sky_shards, tmp_path_factory):
+    """Tokenizers (briefly trained / fitted) + token shards + a 2-step FM from the tiny sky."""
+    from omnisky.fm.model import FMConfig, FourM
+    from omnisky.shards.reader import stream
+    from omnisky.tokenizers.image import ImageConfig, ImageTokenizer
+    from omnisky.tokenizers.scalar import ScalarConfig, ScalarTokenizer
+    from omnisky.tokenizers.spectrum import SpectrumConfig, SpectrumTokenizer
+    from omnisky.tokenizers.tokenize_shards import tokenize
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("gen")
+    samples = list(stream(shard_urls(sky_shards)))
+    scalar = ScalarTokenizer(ScalarConfig(n_bins=8))
+    scalar.fit(r for s in samples for k, r in s.records.items() if k.startswith("scalar."))
+    scalar.save(root / "tok" / "scalar")
+    for kind, tok in (("image", ImageTokenizer(ImageConfig(size=32))), ("spectrum", SpectrumTokenizer(SpectrumConfig()))):
+        recs = [r for s in samples for k, r in s.records.items() if k.startswith(kind)][:8]
+        opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+        for _ in range(2):
+            loss, _ = tok.training_loss(recs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tok.save(root / "tok" / kind)
+    tokenize(sky_shards, root / "tok", root / "tokens", workers=1, batch_size=16)
+    table = ModalityTable.from_manifest(root / "tokens")
+    FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table).save(root / "fm")
+    return root
+
+
+def _run(*argv):
+    from omnisky.generate.cli import main
+    assert main(list(argv)) == 0
+
+
+def test_cli_translate_writes_fits_figures_and_schedule(tiny_models, sky_shards):
+    out = tiny_models / "translate"
+    _run("translate", "--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"),
+         "--data", str(sky_shards), "--n", "2", "--samples", "2", "--steps", "3", "--out", str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_objects"] == 2 and math.isfinite(summary["median_chi2_vs_truth"])
+    oid = summary["objects"][0]["object_id"]
+    with fits.open(out / f"{oid}.image.hsc.1.fits") as hdul:
+        assert hdul[0].data.shape == (5, 32, 32) and hdul[0].header["BANDS"] == "hsc.g,hsc.r,hsc.i,hsc.z,hsc.y"
+        assert hdul[0].header["PIXSCALE"] == pytest.approx(0.168) and hdul[0].header["CTYPE1"] == "RA---TAN"
+    assert (out / f"{oid}.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "schedule.json").read_text())[0]["steps"] == 3
+
+
+def test_cli_superres_sample_predict_embed(tiny_models, sky_shards):
+    common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards), "--n", "2"]
+    _run("superres", *common, "--steps", "2", "--out", str(tiny_models / "sr"))
+    oid = json.loads((tiny_models / "sr" / "summary.json").read_text())["objects"][0]["object_id"]
+    with fits.open(tiny_models / "sr" / f"{oid}.spectrum.desi.0.fits") as hdul:
+        assert len(hdul["SPECTRUM"].data["WAVELENGTH"]) == 7781 and hdul["SPECTRUM"].header["INSTRUME"] == "desi"
+    _run("sample", *common, "--steps", "2", "--given", "scalar.redshift", "scalar.flux_r", "--target", "image.des",
+         "--out", str(tiny_models / "sample"))
+    _run("predict", *common, "--given", "image.des", "--target", "scalar.redshift", "--out", str(tiny_models / "z"))
+    rows = json.loads((tiny_models / "z" / "posteriors.json").read_text())
+    assert all(r["lo68"] <= r["median"] <= r["hi68"] for r in rows)
+    _run("embed", *common, "--given", "image.des", "--out", str(tiny_models / "emb"))
+    emb = np.load(tiny_models / "emb" / "embeddings.npz")["embeddings"]
+    assert emb.shape == (2, 32) and np.isfinite(emb).all()
+
+
+def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
+    _run("report", "--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
+         "--train-data", str(sky_shards), "--n-eval", "4", "--out", str(tiny_models / "report"))
+    report = (tiny_models / "report" / "report.md").read_text()
+    assert "Survey translation" in report and "figures/translate_0.png" in report
+    figures = json.loads((tiny_models / "report" / "report.json").read_text())
+    assert math.isfinite(figures["translation"]["chi2_baseline"]) and figures["superres"]["n"] >= 1
+    assert (tiny_models / "report" / "figures" / "translate_0.png").exists()

@@ -61,11 +61,15 @@ _Z_TABLE = np.linspace(0.0, 1.6, 1601)
 
 
 def shared_data_dir() -> Path:
-    """The shared real-data folder: $OMNISKY_SHARED_DATA if set, else ../shared/data
-    from the project root. Raises FileNotFoundError naming both places."""
+    """The shared real-data folder: $OMNISKY_SHARED_DATA if set, else ../shared/data beside
+    the project checkout (editable install), else ../shared/data or shared/data from the
+    working directory (a non-editable install run from a checkout). Raises
+    FileNotFoundError naming every place looked in."""
     env = os.environ.get("OMNISKY_SHARED_DATA")
     root = Path(__file__).resolve().parents[1]
-    candidates = ([Path(env)] if env else []) + [root.parent / "shared" / "data"]
+    cwd = Path.cwd()
+    candidates = ([Path(env)] if env else []) + [root.parent / "shared" / "data",
+                                                 cwd.parent / "shared" / "data", cwd / "shared" / "data"]
     for c in candidates:
         if (c / "templates").is_dir():
             return c

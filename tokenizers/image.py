@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..shards import bands as band_registry
 from ..shards.schema import Image, RecordError
 from .base import Tokenizer, as_list, register_tokenizer
-from .layers import Downsample, FiLM, ResBlock, Upsample, conv, n_halvings, norm
+from .layers import Downsample, FiLM, ResBlock, Upsample, conv, norm, pyramid_halvings
 from .quantizer import FSQuantizer
 
 AB_NANOMAGGY_ZP = 22.5   # zero point of the common flux unit (nanomaggies)
@@ -105,12 +105,7 @@ class ImageTokenizer(Tokenizer):
     def __init__(self, config: ImageConfig):
         super().__init__(config)
         c = config
-        n_halvings(c.patch, "ImageConfig.patch")
-        if c.downsample % c.patch:
-            raise ValueError(f"ImageConfig: downsample {c.downsample} is not a multiple of patch {c.patch}")
-        halvings = n_halvings(c.downsample // c.patch, "ImageConfig.downsample / patch")
-        if c.size % c.downsample:
-            raise ValueError(f"ImageConfig: size {c.size} is not a multiple of downsample {c.downsample}")
+        halvings = pyramid_halvings("ImageConfig", c.size, c.downsample, c.patch)
         if not (c.softening > 0 and c.min_sigma > 0 and 0 <= c.band_dropout < 1):
             raise ValueError(f"ImageConfig: need softening > 0, min_sigma > 0, 0 <= band_dropout < 1; got {c}")
         self.grid = c.size // c.downsample

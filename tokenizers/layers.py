@@ -82,3 +82,14 @@ def n_halvings(factor: int, what: str) -> int:
     if factor < 1 or factor & (factor - 1):
         raise ValueError(f"{what}: downsample must be a power of two >= 1, got {factor}")
     return factor.bit_length() - 1
+
+
+def pyramid_halvings(what: str, length: int, downsample: int, patch: int) -> int:
+    """Halvings of the conv pyramid after patchifying by `patch`, so that `length` pixels
+    become `length / downsample` tokens; a clear error naming `what` otherwise."""
+    n_halvings(patch, f"{what}.patch")
+    if downsample % patch:
+        raise ValueError(f"{what}: downsample {downsample} is not a multiple of patch {patch}")
+    if length % downsample:
+        raise ValueError(f"{what}: size {length} is not a multiple of downsample {downsample}")
+    return n_halvings(downsample // patch, f"{what}.downsample / patch")

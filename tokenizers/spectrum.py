@@ -50,7 +50,7 @@ from torch import nn
 
 from ..shards.schema import RecordError, Spectrum
 from .base import Tokenizer, as_list, register_tokenizer
-from .layers import Downsample, ResBlock, Upsample, conv, n_halvings, norm
+from .layers import Downsample, ResBlock, Upsample, conv, norm, pyramid_halvings
 from .quantizer import FSQuantizer
 
 R_REF = 3000.0   # resolving power that maps to 0 in the log-resolution channel
@@ -122,12 +122,7 @@ class SpectrumTokenizer(Tokenizer):
     def __init__(self, config: SpectrumConfig):
         super().__init__(config)
         c = config
-        n_halvings(c.patch, "SpectrumConfig.patch")
-        if c.downsample % c.patch:
-            raise ValueError(f"SpectrumConfig: downsample {c.downsample} is not a multiple of patch {c.patch}")
-        halvings = n_halvings(c.downsample // c.patch, "SpectrumConfig.downsample / patch")
-        if c.n_pixels % c.downsample:
-            raise ValueError(f"SpectrumConfig: n_pixels {c.n_pixels} is not a multiple of downsample {c.downsample}")
+        halvings = pyramid_halvings("SpectrumConfig", c.n_pixels, c.downsample, c.patch)
         if not 0 < c.lambda_min < c.lambda_max:
             raise ValueError(f"SpectrumConfig: need 0 < lambda_min < lambda_max, got {c.lambda_min}, {c.lambda_max}")
         if not c.log_scale_min < c.log_scale_max or not c.min_sigma > 0:

@@ -64,7 +64,8 @@ def write_spectrum_fits(path: str | Path, spec: Spectrum, extra: dict | None = N
 
 def _rgb(image: Image, bands: Sequence[int], scale: float) -> np.ndarray:
     """asinh-stretched RGB (H, W, 3) of three band planes, common scale for comparison."""
-    planes = [image.flux[i] * 10 ** (-0.4 * (image.zero_point - 22.5)) for i in bands]  # nanomaggies
+    flux = np.where(image.mask, 0.0, image.flux)  # masked pixels drawn black
+    planes = [flux[i] * 10 ** (-0.4 * (image.zero_point - 22.5)) for i in bands]  # nanomaggies
     rgb = np.stack(planes[::-1], axis=-1)  # reddest band -> R
     return np.clip(np.arcsinh(rgb / scale) / np.arcsinh(1.0 / scale) * 0.5, 0, 1)
 
@@ -118,8 +119,8 @@ def spectrum_figure(path: str | Path, given: Spectrum | None, generated: Sequenc
                 label=f"generated {g.instrument}" if k == 0 else None)
     ax.set_xlabel("wavelength [Angstrom]")
     ax.set_ylabel("flux [1e-17 erg/s/cm2/A]")
-    ref = truth if truth is not None else generated[0]
-    lo, hi = np.percentile(ref.flux, [1, 99.5])
+    shown = ([truth.flux] if truth is not None else []) + [g.flux[~g.mask] for g in generated]
+    lo, hi = np.percentile(np.concatenate(shown), [1, 99.5])
     ax.set_ylim(lo - 0.2 * abs(hi - lo), hi + 0.3 * abs(hi - lo))
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title, fontsize=9)

@@ -67,7 +67,7 @@ def evaluate_translation(pipe, test, train, figdir, seed) -> dict:
         ceil.append(reduced_chi2(rt.flux, truth, t.ivar, t.mask))
     for i, s in enumerate(test[:3]):
         image_figure(figdir / f"translate_{i}.png", s.records[src_key], gen[i], _truth(s, tgt_key),
-                     title=f"{s.object_id}: DES-like -> HSC-like (z={s.params.get('redshift', float('nan')):.2f})")
+                     title=f"{s.object_id}: DES-like -> HSC-like (z={s.params.get('z', float('nan')):.2f})")
     return dict(n=len(test), chi2_fm=_median(fm), chi2_baseline=_median(base), chi2_tokenizer_roundtrip=_median(ceil),
                 colour_terms=None if terms is None else [round(float(x), 3) for x in terms])
 
@@ -84,7 +84,7 @@ def evaluate_superres(pipe, test, figdir, seed) -> dict:
         base.append(reduced_chi2(np.nan_to_num(interp.flux), s.truth[tgt_key], t.ivar, overlap | interp.mask))
     for i, s in enumerate(test[:3]):
         spectrum_figure(figdir / f"superres_{i}.png", s.records[src_key], gen[i], _truth(s, tgt_key),
-                        title=f"{s.object_id}: SDSS-like -> DESI-like (z={s.params.get('redshift', float('nan')):.2f})")
+                        title=f"{s.object_id}: SDSS-like -> DESI-like (z={s.params.get('z', float('nan')):.2f})")
     return dict(n=len(test), chi2_fm=_median(fm), chi2_baseline=_median(base))
 
 

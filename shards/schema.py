@@ -12,7 +12,7 @@ but expected (cosmic rays, saturated, no coverage) carry `mask = True` and `ivar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 

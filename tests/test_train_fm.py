@@ -57,8 +57,8 @@ def test_zero2_two_processes_train_checkpoint_export_resume(tmp_path):
     assert rows[1]["eval_loss"] and float(rows[1]["eval_loss"]) > 0
     assert {f"loss.{k}" for k in TINY} <= set(rows[0])
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == ["step-0000004", "step-0000006"]
-    assert json.loads((out / "checkpoints/step-0000006/train_state.json").read_text())["step"] == 6
+    assert ckpts == ["step-4", "step-6"]
+    assert json.loads((out / "checkpoints/step-6/trainer_state.json").read_text())["step"] == 6
 
     model = FourM.from_pretrained(out / "model")
     assert model.config.dim == 64 and model.table.keys == sorted(TINY)
@@ -75,7 +75,7 @@ def test_zero2_two_processes_train_checkpoint_export_resume(tmp_path):
     rows2 = read_log(out)
     assert [int(r["step"]) for r in rows2] == [2, 3, 4, 6, 8]
     assert rows2[:4] == rows
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000006", "step-0000008"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6", "step-8"]
     after = load_file(out / "model/model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

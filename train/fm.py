@@ -6,7 +6,7 @@
 OUT/log.csv          step, loss, loss.<modality>..., lr, tokens_per_s, steps_per_s, eval_loss, elapsed_s
                      (tokens: non-padding input + target tokens of all ranks, per second of training)
 OUT/config.yaml      the resolved training config
-OUT/checkpoints/step-NNNNNNN/   accelerator.save_state (DeepSpeed shards) + train_state.json
+OUT/checkpoints/step-N/   accelerator.save_state (DeepSpeed shards) + trainer_state.json
 OUT/model/           the consolidated model: FourM.from_pretrained(OUT/model)
 
 Every rank streams its own resampled shards and masks them in its DataLoader workers
@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
-import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 
 from ..config import load_config, parse_overrides, to_dict
@@ -43,6 +37,7 @@ from ..fm.masking import MaskingConfig
 from ..fm.model import FMConfig, FourM
 from ..fm.modality import ModalityTable
 from ..shards.writer import shard_urls
+from .loop import CSVLog, cosine_lr, finish, load_latest_checkpoint, make_accelerator, save_checkpoint, set_lr
 
 
 @dataclass
@@ -67,15 +62,6 @@ class TrainFMConfig:
     num_workers: int = 1         # DataLoader workers per rank (masking runs there)
     shuffle: int = 1000          # sample shuffle buffer per worker
     seed: int = 0
-
-
-def lr_at(step: int, cfg: TrainFMConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -120,31 +106,6 @@ def consolidated_state_dict(accelerator: Accelerator, model) -> dict[str, torch.
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (its train_state.json is written last)."""
-    done = sorted((out / "checkpoints").glob("step-*/train_state.json"))
-    return done[-1].parent if done else None
-
-
-class CSVLog:
-    """OUT/log.csv; on resume, rows past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
-        self.path, self.columns = path, columns
-        rows = []
-        if resume_step is not None and path.exists():
-            with open(path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, columns)
-            w.writeheader()
-            w.writerows({k: r.get(k, "") for k in columns} for r in rows)
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.columns).writerow({k: row.get(k, "") for k in self.columns})
-
-
 @torch.no_grad()
 def evaluate(model, batches, accelerator, autocast) -> float:
     model.eval()
@@ -173,30 +134,20 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(TrainFMConfig, args.config, parse_overrides(args.set))
     out = Path(args.out)
-    # DeepSpeed on CPU needs an explicit gloo process group (accelerate hands it none);
-    # a single process must get no backend at all, or accelerate thinks it is distributed.
-    handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
     # Plain DDP on CPUs needs cpu=True (ACCELERATE_USE_CPU, which a config file cannot set),
     # or accelerate sets up a gloo group but treats the run as undistributed; DeepSpeed
     # must not get it, or accelerate skips DeepSpeed.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers,
-                              cpu=not torch.cuda.is_available() and not deepspeed)
+    accelerator = make_accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                                   cpu=not torch.cuda.is_available() and not deepspeed)
     use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
     configure_deepspeed(accelerator, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
 
-    resume_from = latest_checkpoint(out) if args.resume else None
-    start_step = json.loads((resume_from / "train_state.json").read_text())["step"] if resume_from else 0
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if args.resume and resume_from is None:
-            print(f"--resume: no checkpoint under {out / 'checkpoints'}; starting from step 0")
 
     table = ModalityTable.from_manifest(args.data)
     urls = shard_urls(args.data)
@@ -205,8 +156,9 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                                   fused=torch.cuda.is_available() or None)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+    start_step = load_latest_checkpoint(accelerator, out)[0] if args.resume else 0
+    if main_proc and args.resume and start_step == 0:
+        print(f"--resume: no checkpoint under {out / 'checkpoints'}; starting from step 0")
     stage = zero_stage(accelerator)
 
     dataset = MaskedTokenStream(urls, table, cfg.masking, seed=cfg.seed, rank=rank, epoch=start_step,
@@ -217,9 +169,7 @@ def main(argv=None) -> None:
     bf16 = cfg.bf16 and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
-    columns = ["step", "loss", *[f"loss.{k}" for k in table.keys], "lr", "tokens_per_s", "steps_per_s",
-               "eval_loss", "elapsed_s"]
-    log = CSVLog(out / "log.csv", columns, start_step if args.resume else None) if main_proc else None
+    log = CSVLog(out / "log.csv", start_step if args.resume else None) if main_proc else None
     if main_proc:
         n_params = accelerator.unwrap_model(model).num_params() if stage < 3 else sum(
             p.ds_numel for p in accelerator.unwrap_model(model).parameters())
@@ -236,9 +186,8 @@ def main(argv=None) -> None:
     step = start_step
     while step < cfg.steps:
         t_step = time.time()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
             with accelerator.accumulate(model):
@@ -267,27 +216,21 @@ def main(argv=None) -> None:
             eval_loss = evaluate(model, eval_set, accelerator, autocast) if do_eval and eval_set else None
             if main_proc:
                 micro = window_steps * cfg.grad_accum * world
-                row = {"step": step, "loss": f"{totals[0].item() / micro:.5f}", "lr": f"{lr:.3e}",
-                       "tokens_per_s": f"{totals[1].item() / window_seconds:.1f}",
-                       "steps_per_s": f"{window_steps / window_seconds:.3f}", "elapsed_s": f"{time.time() - t_start:.1f}",
-                       "eval_loss": "" if eval_loss is None else f"{eval_loss:.5f}"}
+                row = {"step": step, "loss": f"{totals[0].item() / micro:.5f}"}
                 for m, key in enumerate(table.keys):
                     count = totals[2 + M + m].item()
                     row[f"loss.{key}"] = f"{totals[2 + m].item() / count:.5f}" if count else ""
+                row.update({"lr": f"{lr:.3e}", "tokens_per_s": f"{totals[1].item() / window_seconds:.1f}",
+                            "steps_per_s": f"{window_steps / window_seconds:.3f}",
+                            "eval_loss": "" if eval_loss is None else f"{eval_loss:.5f}",
+                            "elapsed_s": f"{time.time() - t_start:.1f}"})
                 log.write(row)
                 bar.set_postfix(loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
             window.zero_()
             window_steps, window_seconds = 0, 0.0
 
         if step % cfg.ckpt_every == 0 or last:
-            ckpt = out / "checkpoints" / f"step-{step:07d}"
-            accelerator.save_state(str(ckpt))
-            accelerator.wait_for_everyone()
-            if main_proc:
-                (ckpt / "train_state.json").write_text(json.dumps({"step": step, "config": to_dict(cfg)}, indent=1))
-                done = sorted((out / "checkpoints").glob("step-*/train_state.json"))
-                for old in done[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
-                    shutil.rmtree(old.parent, ignore_errors=True)
+            save_checkpoint(accelerator, out, step, extra={"config": to_dict(cfg)}, keep=cfg.keep_checkpoints)
     bar.close()
 
     # the consolidated model: FourM.from_pretrained(OUT/model)
@@ -299,10 +242,7 @@ def main(argv=None) -> None:
               f"({time.time() - t_start:.1f} s)", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    # Without this, about 1 in 6 two-process DeepSpeed runs on gloo aborted at exit.
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(accelerator)  # barrier + destroy_process_group: two-process gloo runs abort at exit otherwise
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def finish(accelerator) -> None:
     """End a run cleanly: wait for every rank, then tear the process group down.
 
     Two-process gloo runs abort at interpreter exit unless the group is destroyed."""
-    accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # end_training may have torn it down
+        accelerator.wait_for_everyone()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

@@ -87,7 +87,7 @@ def run_generation(pipe, args, given: list[str], target: str) -> dict:
                 write(out / f"{oid}.{target}.{k}.fits", g, s)
             truth_obs = None
             if truth_rec is not None and truth_flux is not None:
-                truth_obs = dataclasses.replace(truth_rec, flux=truth_flux)
+                truth_obs = dataclasses.replace(truth_rec, flux=truth_flux, mask=np.zeros_like(truth_rec.mask))
                 row["chi2_vs_truth"] = reduced_chi2(gen[0].flux, truth_flux, truth_rec.ivar, truth_rec.mask)
             figure(out / f"{oid}.png", src if modality_kind(given[0]) == kind else None, gen, truth_obs,
                    title=f"{oid}: {', '.join(given)} -> {target}")

@@ -32,7 +32,7 @@ FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
 
 
 def _truth(sample, key):
-    return dataclasses.replace(sample.records[key], flux=sample.truth[key])
+    return dataclasses.replace(sample.records[key], flux=sample.truth[key], mask=np.zeros_like(sample.records[key].mask))
 
 
 def _median(xs) -> float:

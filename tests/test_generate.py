@@ -10,8 +10,6 @@ import pytest
 import torch
 from astropy.io import fits
 
-from omnisky.fm.data import MaskedTokenStream, make_loader
-from omnisky.fm.masking import MaskingConfig
 from omnisky.fm.modality import ModalityTable
 from omnisky.generate.baselines import interpolate_spectrum, resample_image
 from omnisky.generate.sampler import filter_logits, generate, token_probabilities
@@ -19,7 +17,7 @@ from omnisky.generate.schedule import TargetSchedule, schedule_from_json, schedu
 from omnisky.generate.templates import template_for
 from omnisky.shards.writer import shard_urls
 
-from test_fm import TINY, small_model, structured_tokens, write_token_shards
+from test_fm import TINY, structured_tokens, train_structured
 
 
 # -- schedules ------------------------------------------------------------------------------
@@ -53,20 +51,7 @@ def test_filter_logits_top_k_and_top_p():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The structured-token FM of test_fm, trained until it predicts image.b from image.a."""
-    torch.set_num_threads(1)
-    d = write_token_shards(tmp_path_factory.mktemp("tok"), n_objects=200)
-    table = ModalityTable.from_manifest(d)
-    model = small_model(table)
-    loader = make_loader(MaskedTokenStream(shard_urls(d), table, MaskingConfig(24, 24, seed=1), seed=0),
-                         batch_size=32, num_workers=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))
-    for _, batch in zip(range(200), loader):
-        loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        warmup.step()
+    model, table, _ = train_structured(tmp_path_factory.mktemp("tok"))
     return model.eval(), table
 
 

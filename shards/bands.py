@@ -88,3 +88,6 @@ for _f in "grizy":
 # SDSS imaging u, g, r, i, z; nanomaggies (zero point 22.5); catalog photometry.
 for _f in "ugriz":
     register(Band(f"sdss.{_f}", "sdss", _f, f"sdss2010-{_f}", 22.5))
+# Legacy Surveys DR9 (DECaLS) cut-outs g, r, z; nanomaggies (zero point 22.5).
+for _f in "grz":
+    register(Band(f"legacy.{_f}", "legacy", _f, f"decamDR1-{_f}", 22.5))

@@ -205,6 +205,22 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_ingest(args) -> int:
+    from .ingest import IngestError, ingest
+    try:
+        manifest = ingest(args.files, args.out, args.shard_size, args.size, args.match_radius)
+    except (IngestError, FileNotFoundError) as e:
+        print(f"omnisky-shards ingest: {e}", file=sys.stderr)
+        return 2
+    s = manifest["summary"]
+    print(f"ingested {len(args.files)} file(s) into {s['objects']} object(s) in {args.out}: "
+          f"{s['matched']} cross-matched, {s['unmatched']} unmatched, "
+          f"{s['dropped_sky_fibres']} sky/blank fibre(s) dropped, {s['invalid_pixels']} invalid pixel(s) masked")
+    for key, n in manifest["modality_counts"].items():
+        print(f"  {key:16s} {n}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnisky-shards", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--png", default=None, help="write a grid of objects to this PNG")
     i.add_argument("--n", type=int, default=8, help="objects in the PNG grid")
     i.set_defaults(func=_cmd_inspect)
+    g = sub.add_parser("ingest", help="real survey FITS files -> raw shards, cross-matched by RA/Dec")
+    g.add_argument("files", nargs="+", help="Legacy/HSC cut-outs (+ PSF files), SDSS spec-*, DESI coadd-*")
+    g.add_argument("--out", required=True, help="output shard directory")
+    g.add_argument("--size", type=int, default=None, help="cut centred size x size image stamps")
+    g.add_argument("--shard-size", type=int, default=500, help="objects per shard")
+    g.add_argument("--match-radius", type=float, default=1.0, help="cross-match radius, arcsec")
+    g.set_defaults(func=_cmd_ingest)
     return p
 
 

@@ -4,6 +4,17 @@ The simulated sky needs the real CWW templates in ../shared/data/templates (or
 $OMNISKY_SHARED_DATA); without them, tests that use these fixtures skip.
 """
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads made the small convs
+    of the tokenizer tests 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _require_templates():

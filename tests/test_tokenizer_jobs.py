@@ -126,15 +126,6 @@ TINY_SPECTRUM = ["steps=2", "batch_size=4", "warmup_steps=1", "eval_every=2", "c
 HAS_SPECTRUM = (ROOT / "tokenizers" / "spectrum.py").exists()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads can be 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sky(tmp_path_factory) -> Path:
     """48 simulated objects in 3 raw shards."""

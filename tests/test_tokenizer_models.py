@@ -18,13 +18,19 @@ from omnisky.tokenizers.spectrum import SpectrumConfig, SpectrumTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads make these small convs ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def adam_steps(tok, recs, steps: int = 20) -> list[float]:
+    """`steps` Adam steps (lr 3e-3) of `tok.training_loss` on `recs`; the losses. Leaves tok in eval mode."""
+    tok.train()
+    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss, _ = tok.training_loss(recs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    tok.eval()
+    return losses
 
 
 @pytest.fixture(scope="module")
@@ -152,18 +158,9 @@ def test_image_masked_pixels_do_not_affect_the_loss(sky):
 def test_image_save_load_and_learning(sky, tmp_path):
     tok = _image_tok()
     recs = sky["image.des"][:4] + sky["image.hsc"][:4]
-    tok.train()
-    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
     torch.manual_seed(1)
-    losses = []
-    for _ in range(20):
-        loss, _ = tok.training_loss(recs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = adam_steps(tok, recs)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
-    tok.eval()
     ids = tok.encode(recs)
     tok.save(tmp_path / "image")
     for again in (ImageTokenizer.from_pretrained(tmp_path / "image"), load_tokenizer(tmp_path / "image")):
@@ -264,17 +261,8 @@ def test_spectrum_masked_pixels_save_load_and_learning(sky, tmp_path):
     with torch.no_grad():
         assert float(tok.training_loss(garbage)[0]) == pytest.approx(float(tok.training_loss(kept)[0]), rel=1e-6)
 
-    tok.train()
-    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss, metrics = tok.training_loss(recs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = adam_steps(tok, recs)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
-    tok.eval()
     ids = tok.encode(recs)
     tok.save(tmp_path / "spectrum")
     again = Tokenizer.from_pretrained(tmp_path / "spectrum")

@@ -1,12 +1,22 @@
-"""Fibre spectrographs: SDSS-like and DESI-like wavelength grids, resolution, noise.
+"""Fibre spectrographs: SDSS-like and DESI-like wavelength grids, resolution, throughput,
+sky and noise.
 
-    spectrum, truth = observe_spectrum(sed, SPECTROGRAPHS["desi"], fibre_fraction=0.4, rng=rng)
+    spectrum, truth = observe_spectrum(sed, SPECTROGRAPHS["desi"](), fibre_frac=0.4, rng=rng)
 
 The noiseless spectrum is the galaxy SED convolved with the instrument's Gaussian line
 spread (see `sed.GalaxySED.spectrum`), times the fraction of the galaxy's light that
-enters the fibre. Per-pixel noise: a sky-limited sigma(lambda) read off the real data in
-../shared/data (SDSS: sdss_spectra/, three spectra; DESI: desi*/coadd-*, BGS/dark
-coadds), extra variance at the strong night-sky lines, and the source's own Poisson term.
+enters the fibre. The observed one adds:
+- noise: a sky-limited sigma(lambda) read off the real data in ../shared/data (SDSS:
+  sdss_spectra/, three spectra; DESI: desi*/coadd-*, BGS/dark coadds), raised at the
+  night-sky lines (`shards.sky_lines`, measured from the DESI coadds) by their photon
+  noise, plus the source's own Poisson term, which grows as 1 / throughput where the
+  instrument collects fewer photons per unit flux;
+- sky-subtraction residuals: the sky lines' flux (continuum of the dark sky through the
+  fibre x each line's equivalent width, at the instrument's resolution) is subtracted
+  with a per-line scale error (`sky_residual_scale`, ~1%) and a wavelength error common to
+  the spectrum (`sky_residual_shift`, A), leaving scaled-line and derivative-shaped
+  residuals at the sky lines and nothing between them. As pipelines with a sky-model
+  error term do (DESI), their expected variance is part of ivar.
 """
 from __future__ import annotations
 
@@ -19,13 +29,14 @@ from scipy.special import gammainc
 from .render import sersic_b
 from .schema import Spectrum
 from .sed import FWHM_PER_SIGMA, GalaxySED
+from .sky_lines import SKY_LINES
 
-# Strong night-sky emission lines (vacuum A; O I, Na D, OH bands) and their excess sigma,
-# in units of the local sky sigma: subtraction residuals make these pixels noisier.
-SKY_LINES = np.array([5578.9, 5891.6, 5897.6, 6302.0, 6365.5, 6865.8, 7278.4, 7343.0, 7823.7,
-                      7915.9, 7995.5, 8347.0, 8401.5, 8432.5, 8829.6, 8888.3, 8922.2, 8960.6,
-                      9378.5, 9442.4, 9479.4, 9522.1, 9794.7])
-SKY_LINE_EXCESS = np.array([4.0, 1.5, 1.5, 3.0, 2.0] + [2.0] * (len(SKY_LINES) - 5))
+# Dark-sky continuum between the lines, AB mag/arcsec^2 (assumed: about 0.3-1 mag fainter
+# than the broad-band dark-sky brightness of SURVEYS.md, whose red bands are mostly OH).
+SKY_CONTINUUM_MAG = ((3600.0, 22.8), (4500.0, 22.5), (5500.0, 22.0), (6500.0, 21.8),
+                     (8000.0, 21.6), (9800.0, 21.4))
+# Each sky line's profile is cut at this many sigma; beyond it the line puts nothing.
+LINE_HALF_WIDTH_SIGMA = 6.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,8 +47,14 @@ class Spectrograph:
     resolution:     (L,) resolving power lambda / FWHM.
     fibre_diameter: arcsec.
     seeing_fwhm:    median seeing at the fibre, arcsec.
-    sigma_knots:    ((wavelength A, per-pixel sky sigma in 1e-17 erg/s/cm^2/A), ...).
-    source_var:     variance added per unit of (noiseless) flux, 1e-17 erg/s/cm^2/A.
+    sigma_knots:    ((wavelength A, per-pixel sky sigma in 1e-17 erg/s/cm^2/A), ...),
+                    between the sky lines.
+    source_var:     variance added per unit of (noiseless) flux where the throughput peaks,
+                    1e-17 erg/s/cm^2/A.
+    throughput_knots: ((wavelength A, total throughput: atmosphere, telescope, fibre,
+                    spectrograph, detector), ...).
+    sky_residual_scale: rms fractional error of the subtracted flux of each sky line.
+    sky_residual_shift: rms wavelength error of the subtracted sky (A), one per spectrum.
     """
     name: str
     wavelength: np.ndarray
@@ -46,16 +63,64 @@ class Spectrograph:
     seeing_fwhm: float
     sigma_knots: tuple[tuple[float, float], ...]
     source_var: float
+    throughput_knots: tuple[tuple[float, float], ...]
+    sky_residual_scale: float = 0.01
+    sky_residual_shift: float = 0.02
+
+    @cached_property
+    def throughput(self) -> np.ndarray:
+        """(L,) total throughput."""
+        knots = np.array(self.throughput_knots)
+        return np.interp(self.wavelength, knots[:, 0], knots[:, 1])
+
+    @cached_property
+    def sky_continuum(self) -> np.ndarray:
+        """(L,) dark-sky continuum through the fibre, 1e-17 erg/s/cm^2/A."""
+        knots = np.array(SKY_CONTINUUM_MAG)
+        mag = np.interp(self.wavelength, knots[:, 0], knots[:, 1]) - 2.5 * np.log10(
+            np.pi * (self.fibre_diameter / 2) ** 2)
+        f_nu = 10 ** (-0.4 * (mag + 48.6))                                 # erg/s/cm^2/Hz
+        return f_nu * 2.99792458e18 / self.wavelength ** 2 / 1e-17
+
+    @cached_property
+    def _sky_lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per line j at pixel l, in units of the sky continuum: P[j, l] = EW_j N(l) (the
+        line's flux per A over the continuum's), dP[j, l] = P (lambda - lambda_j) /
+        sigma_j^2 (its change per A of shift); returned with their sums over the lines:
+        ratio (L,) = sum_j P, shift (L,) = sum_j dP, and var (L,) = the expected
+        squared residual over the continuum's square."""
+        lam = self.wavelength
+        centre, ew = SKY_LINES[:, 0], SKY_LINES[:, 1]
+        pixel = np.gradient(lam)
+        sigma = np.sqrt((centre / (FWHM_PER_SIGMA * np.interp(centre, lam, self.resolution))) ** 2
+                        + np.interp(centre, lam, pixel) ** 2 / 12)           # LSF + pixel, A
+        d = lam[None, :] - centre[:, None]                                   # (J, L)
+        near = np.abs(d) < LINE_HALF_WIDTH_SIGMA * sigma[:, None]
+        prof = np.where(near, ew[:, None] * np.exp(-0.5 * (d / sigma[:, None]) ** 2)
+                        / (np.sqrt(2 * np.pi) * sigma[:, None]), 0.0)        # (J, L)
+        dprof = prof * d / sigma[:, None] ** 2
+        var = (self.sky_residual_scale ** 2 * (prof ** 2).sum(0)
+               + self.sky_residual_shift ** 2 * dprof.sum(0) ** 2)
+        return prof, prof.sum(0), dprof.sum(0), var
 
     @cached_property
     def sky_sigma(self) -> np.ndarray:
-        """(L,) per-pixel sky sigma, with the night-sky line residuals."""
+        """(L,) per-pixel sky sigma: the continuum noise, the sky lines' photon noise
+        (variance in proportion to the sky flux) and their expected subtraction residual."""
         knots = np.array(self.sigma_knots)
         base = np.interp(self.wavelength, knots[:, 0], knots[:, 1])
-        width = SKY_LINES / (FWHM_PER_SIGMA * np.interp(SKY_LINES, self.wavelength, self.resolution))
-        bump = ((SKY_LINE_EXCESS[:, None] ** 2) * np.exp(
-            -0.5 * ((self.wavelength[None, :] - SKY_LINES[:, None]) / width[:, None]) ** 2)).sum(0)
-        return base * np.sqrt(1 + bump)
+        _, ratio, _, res_var = self._sky_lines
+        return np.sqrt(base ** 2 * (1 + ratio) + self.sky_continuum ** 2 * res_var)
+
+    def sky_residual(self, rng: np.random.Generator) -> np.ndarray:
+        """(L,) one spectrum's sky-subtraction residual, 1e-17 erg/s/cm^2/A: each line's
+        profile times a N(0, sky_residual_scale) scale error, plus the derivative of the
+        whole line spectrum times a N(0, sky_residual_shift) wavelength error (A). Zero
+        more than LINE_HALF_WIDTH_SIGMA line widths from every sky line."""
+        prof, _, shift, _ = self._sky_lines
+        scale = self.sky_residual_scale * rng.standard_normal(len(prof))
+        delta = self.sky_residual_shift * rng.standard_normal()
+        return self.sky_continuum * (scale @ prof + delta * shift)
 
 
 @lru_cache(maxsize=None)
@@ -70,7 +135,11 @@ def sdss() -> Spectrograph:
     resolution = np.interp(wavelength, [3800.0, 9200.0], [1850.0, 2200.0])
     knots = ((3800.0, 2.2), (4000.0, 1.6), (5500.0, 1.2), (6500.0, 0.85), (8000.0, 1.1),
              (8800.0, 1.5), (9200.0, 2.0))
-    return Spectrograph("sdss", wavelength, resolution, 3.0, 1.5, knots, 0.03)
+    # total throughput, approximate: SDSS/BOSS system curves (Smee et al. 2013) at airmass 1.2
+    throughput = ((3800.0, 0.06), (4500.0, 0.16), (5500.0, 0.21), (6500.0, 0.23), (7500.0, 0.22),
+                  (8500.0, 0.16), (9200.0, 0.09))
+    return Spectrograph("sdss", wavelength, resolution, 3.0, 1.5, knots, 0.03, throughput,
+                        sky_residual_scale=0.015, sky_residual_shift=0.05)
 
 
 @lru_cache(maxsize=None)
@@ -84,7 +153,13 @@ def desi() -> Spectrograph:
                            [2000.0, 3200.0, 3200.0, 4100.0, 4100.0, 5000.0])
     knots = ((3600.0, 1.2), (3800.0, 0.6), (4200.0, 0.42), (5700.0, 0.38), (5800.0, 0.25),
              (7500.0, 0.2), (7700.0, 0.16), (9300.0, 0.17), (9824.0, 0.35))
-    return Spectrograph("desi", wavelength, resolution, 1.52, 1.1, knots, 0.01)
+    # total throughput, approximate: DESI instrument overview (DESI Collaboration 2022),
+    # atmosphere included; the dips at 5800 and 7620 A are the dichroic crossovers
+    throughput = ((3600.0, 0.12), (4000.0, 0.30), (4500.0, 0.38), (5700.0, 0.40), (5800.0, 0.33),
+                  (5900.0, 0.42), (7500.0, 0.45), (7620.0, 0.36), (7750.0, 0.44), (8500.0, 0.40),
+                  (9300.0, 0.30), (9824.0, 0.22))
+    return Spectrograph("desi", wavelength, resolution, 1.52, 1.1, knots, 0.01, throughput,
+                        sky_residual_scale=0.01, sky_residual_shift=0.02)
 
 
 SPECTROGRAPHS = {"sdss": sdss, "desi": desi}
@@ -116,8 +191,10 @@ def observe_spectrum(sed: GalaxySED, spec: Spectrograph, fibre_frac: float,
     """A noisy `Spectrum` of the light of `sed` entering the fibre, and its noiseless
     truth (L,) float32, both in 1e-17 erg/s/cm^2/A."""
     truth = sed.spectrum(spec.wavelength, spec.resolution) * fibre_frac
-    var = spec.sky_sigma ** 2 + spec.source_var * np.clip(truth, 0, None)
-    flux = truth + rng.standard_normal(truth.shape) * np.sqrt(var)
+    relative_throughput = spec.throughput / spec.throughput.max()
+    var = spec.sky_sigma ** 2 + spec.source_var * np.clip(truth, 0, None) / relative_throughput
+    noise_var = var - spec.sky_continuum ** 2 * spec._sky_lines[3]         # the residual's part
+    flux = truth + rng.standard_normal(truth.shape) * np.sqrt(noise_var) + spec.sky_residual(rng)
     mask = rng.random(truth.shape) < mask_rate
     flux = np.where(mask, 0.0, flux).astype(np.float32)
     ivar = np.where(mask, 0.0, 1.0 / var).astype(np.float32)

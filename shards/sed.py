@@ -1,13 +1,21 @@
-"""Galaxy spectral energy distributions: real templates, emission lines, photometry.
+"""Spectral energy distributions: real galaxy templates, smooth point-source continua,
+Gaussian lines, dust, photometry.
 
 A galaxy's SED is a non-negative mix of the four Coleman, Wu & Weedman (1980) templates
-(E, Sbc, Scd, Im; extended by Bolzonella et al. 2000), redshifted, plus Gaussian
-emission lines. Everything is linear in the template weights, so photometry and
-instrument-convolved spectra come from tables computed once per process:
+(E, Sbc, Scd, Im; extended by Bolzonella et al. 2000), redshifted, attenuated by a
+Calzetti et al. (2000) screen of colour excess `ebv` on top of the templates' own dust,
+plus Gaussian emission lines. Everything is linear in the template weights, so
+photometry and instrument-convolved spectra come from tables computed once per process:
 
     sed = GalaxySED(z=0.3, weights=np.array([1e-2, 0, 0, 0]))   # f_lambda amplitudes
     sed.maggies(("des.g", "des.r"))                             # AB maggies per band
     sed.spectrum(wavelength, resolution)                        # 1e-17 erg/s/cm^2/A
+
+Stars and quasars are `SmoothSED`s: a rest-frame continuum tabulated by the caller
+(a Planck function, a power law), smooth on the scale of any line spread so it is
+sampled, not convolved, plus the same Gaussian lines; a line with negative flux is an
+absorption line. Below rest Lyman-alpha the mean transmission of the intergalactic
+medium (Faucher-Giguere et al. 2008) multiplies a smooth continuum (shards.attenuation).
 
 Units: `GalaxySED.weights[k]` multiplies template k normalised to f_lambda = 1 at
 5500 A rest, so the observed f_lambda(lambda) = sum_k w_k T_k(lambda/(1+z)) / (1+z), in
@@ -26,7 +34,7 @@ resolution, then sampled on its grid".
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +43,7 @@ from scipy.signal import fftconvolve
 from scipy.special import erf
 
 from . import bands as band_registry
+from .attenuation import calzetti_k, dust_transmission, igm_transmission  # noqa: F401  (re-exported)
 
 TEMPLATE_NAMES = ("E", "Sbc", "Scd", "Im")
 C_KMS = 299792.458
@@ -55,9 +64,11 @@ LINE_WAVE = np.array([LINES[k] for k in LINE_NAMES])
 _FINE_LN_MIN, _FINE_LN_MAX, _FINE_DLN = np.log(1000.0), np.log(11500.0), 2e-5
 # Resolving powers at which the continuum is pre-convolved; R(lambda) interpolates.
 R_KNOTS = np.array([1200.0, 1600.0, 2000.0, 2600.0, 3200.0, 4100.0, 5000.0, 6500.0])
-# Observed-frame grid for photometry (covers DECam g to HSC y) and the redshift table.
-_PHOT_WAVE = np.arange(3000.0, 11600.0, 2.0)
-_Z_TABLE = np.linspace(0.0, 1.6, 1601)
+# Observed-frame grid for photometry (covers SDSS u to HSC y) and the redshift table.
+PHOT_WAVE = np.arange(2900.0, 11600.0, 3.0)
+_Z_TABLE = np.linspace(0.0, 1.6, 801)
+# Continuum colour excesses at which the photometry is tabulated; log-flux is interpolated.
+DUST_GRID = np.array([0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8])
 
 
 def shared_data_dir() -> Path:
@@ -137,14 +148,15 @@ def template_mix(t: float) -> np.ndarray:
 class _PhotTables:
     names: tuple[str, ...]          # band registry names, order of the tables' band axis
     density: np.ndarray             # (B, P): R(lambda) lambda / norm, maggies per (erg/s/cm^2/A) per A
-    table: np.ndarray               # (Z, K, B): maggies of template k at redshift z, per unit weight
+    table: np.ndarray               # (D, Z, K, B): log maggies of template k at colour excess
+                                    # DUST_GRID[d] and redshift z, per unit weight
 
 
 @lru_cache(maxsize=None)
 def _phot_tables() -> _PhotTables:
     """Tables for every band in the registry (computed once per process)."""
     names = tuple(band_registry.REGISTRY)
-    lam = _PHOT_WAVE
+    lam = PHOT_WAVE
     dlam = np.gradient(lam)
     density = np.zeros((len(names), len(lam)))
     for j, name in enumerate(names):
@@ -154,12 +166,16 @@ def _phot_tables() -> _PhotTables:
         norm = np.sum(AB_FNU * C_ANGSTROM_S / lam ** 2 * r * lam * dlam)
         density[j] = r * lam / norm
     weights = density * dlam * F17                               # (B, P) maggies per f17 sample
-    table = np.zeros((len(_Z_TABLE), len(TEMPLATE_NAMES), len(names)))
+    table = np.zeros((len(DUST_GRID), len(_Z_TABLE), len(TEMPLATE_NAMES), len(names)))
     one_plus_z = 1.0 + _Z_TABLE[:, None]                            # (Z, 1)
-    for k, (tw, tf) in enumerate(templates()):
-        f_obs = np.interp(lam[None, :] / one_plus_z, tw, tf, left=0.0, right=0.0) / one_plus_z  # (Z, P)
-        table[:, k] = f_obs @ weights.T                              # (Z, B)
-    return _PhotTables(names, density, table)
+    rest = lam[None, :] / one_plus_z                                # (Z, P)
+    f_obs = [np.interp(rest, tw, tf, left=0.0, right=0.0) / one_plus_z for tw, tf in templates()]  # K x (Z, P)
+    k_rest = calzetti_k(rest)
+    for d, ebv in enumerate(DUST_GRID):
+        screen = 10 ** (-0.4 * k_rest * ebv)                        # (Z, P)
+        for k, f in enumerate(f_obs):
+            table[d, :, k] = (f * screen) @ weights.T               # (Z, B)
+    return _PhotTables(names, density, np.log(np.maximum(table, 1e-300)))
 
 
 def _band_index(names: tuple[str, ...]) -> np.ndarray:
@@ -171,24 +187,39 @@ def _band_index(names: tuple[str, ...]) -> np.ndarray:
         raise KeyError(f"unknown band(s) {unknown}; known bands: {sorted(tab.names)}") from None
 
 
-def template_maggies(z: float, names: tuple[str, ...]) -> np.ndarray:
-    """(K, B) AB maggies of each unit-weight template at redshift z (0 = rest frame)."""
+def template_maggies(z: float, names: tuple[str, ...], ebv: float = 0.0) -> np.ndarray:
+    """(K, B) AB maggies of each unit-weight template at redshift z (0 = rest frame),
+    behind a Calzetti screen of colour excess ebv (0 .. DUST_GRID[-1])."""
     tab = _phot_tables()
     if not (_Z_TABLE[0] <= z <= _Z_TABLE[-1]):
         raise ValueError(f"redshift {z} outside the photometry table [0, {_Z_TABLE[-1]}]")
+    if not (DUST_GRID[0] <= ebv <= DUST_GRID[-1]):
+        raise ValueError(f"colour excess ebv={ebv} outside the photometry table [0, {DUST_GRID[-1]}]")
     x = z / (_Z_TABLE[1] - _Z_TABLE[0])
     i = min(int(x), len(_Z_TABLE) - 2)
     f = x - i
+    d = min(int(np.searchsorted(DUST_GRID, ebv, side="right")) - 1, len(DUST_GRID) - 2)
+    g = (ebv - DUST_GRID[d]) / (DUST_GRID[d + 1] - DUST_GRID[d])
     cols = _band_index(tuple(names))
-    return (1 - f) * tab.table[i][:, cols] + f * tab.table[i + 1][:, cols]
+    t = tab.table[d:d + 2, i:i + 2][..., cols]                      # (2, 2, K, B) log maggies
+    t = (1 - g) * t[0] + g * t[1]                                   # log-linear in ebv
+    return np.exp((1 - f) * t[0] + f * t[1])
+
+
+def smooth_maggies(f_obs: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """(B,) AB maggies of an observed f_lambda (1e-17 erg/s/cm^2/A) sampled on PHOT_WAVE."""
+    tab = _phot_tables()
+    return (tab.density[_band_index(tuple(names))] * np.gradient(PHOT_WAVE) * F17) @ f_obs
 
 
 def line_maggies(line_wave_obs: np.ndarray, line_flux: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
-    """(B,) maggies of narrow lines at observed wavelengths (A) with fluxes in 1e-17 erg/s/cm^2."""
+    """(B,) maggies of narrow lines at observed wavelengths (A) with fluxes in 1e-17 erg/s/cm^2
+    (negative for absorption lines)."""
     tab = _phot_tables()
-    dens = np.stack([np.interp(line_wave_obs, _PHOT_WAVE, tab.density[j], left=0.0, right=0.0)
+    dens = np.stack([np.interp(line_wave_obs, PHOT_WAVE, tab.density[j], left=0.0, right=0.0)
                      for j in _band_index(tuple(names))])          # (B, J)
     return dens @ (np.asarray(line_flux) * F17)
+
 
 
 # ---------------------------------------------------------------- convolved continua
@@ -230,29 +261,72 @@ def pixel_edges(wavelength: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class GalaxySED:
+class _LineSED:
+    """The Gaussian lines shared by every SED: at rest wavelengths `line_wave` (J,), A;
+    observed fluxes `line_flux` (J,), 1e-17 erg/s/cm^2, negative for absorption; velocity
+    dispersion `sigma_v`, km/s, one for all lines or one per line (J,)."""
+
+    def _line_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        wave = LINE_WAVE if self.line_wave is None else np.asarray(self.line_wave, float)
+        flux = np.asarray(self.line_flux, float)
+        if flux.shape != wave.shape:
+            raise ValueError(f"{type(self).__name__}: line_flux has shape {flux.shape}, "
+                             f"line_wave {wave.shape}")
+        return wave, flux, np.broadcast_to(np.asarray(self.sigma_v, float), wave.shape)
+
+    def line_maggies(self, names: tuple[str, ...]) -> np.ndarray:
+        wave, flux, _ = self._line_arrays()
+        return line_maggies(wave * (1 + self.z), flux, names)
+
+    def _lines(self, wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
+        wave, flux, sigma_v = self._line_arrays()
+        on = flux != 0
+        if not on.any():
+            return np.zeros_like(wavelength)
+        centre = wave[on] * (1 + self.z)                                   # (J,)
+        R_at = np.interp(centre, wavelength, resolution)
+        sigma = np.hypot(centre * sigma_v[on] / C_KMS, centre / (FWHM_PER_SIGMA * R_at))
+        edges = pixel_edges(wavelength)                                   # (L+1,)
+        out = np.zeros(len(wavelength))
+        lo = np.searchsorted(edges, centre - 8 * sigma)                   # only +-8 sigma around each line
+        hi = np.searchsorted(edges, centre + 8 * sigma)
+        for c, s, f, a, b in zip(centre, sigma, flux[on], lo, hi):
+            a, b = max(a - 1, 0), min(b + 1, len(edges))
+            if b - a < 2:
+                continue
+            frac = 0.5 * np.diff(erf((edges[a:b] - c) / (np.sqrt(2) * s)))   # flux fraction per pixel
+            out[a:b - 1] += f * frac
+        return out / np.diff(edges)
+
+
+@dataclass
+class GalaxySED(_LineSED):
     """An observed-frame galaxy SED.
 
     z:         redshift.
     weights:   (4,) template amplitudes: f_lambda in 1e-17 erg/s/cm^2/A at 5500 A rest,
-               before the 1/(1+z) of redshifting.
+               before the 1/(1+z) of redshifting and before the dust screen.
     line_flux: (J,) observed line fluxes, 1e-17 erg/s/cm^2, for LINE_NAMES (rest LINE_WAVE).
     sigma_v:   gas velocity dispersion of the lines, km/s.
+    ebv:       E(B-V) of a Calzetti screen over the continuum (the lines carry their own).
+    line_wave: (J,) rest wavelengths of the lines, A; None: LINE_WAVE.
     """
     z: float
     weights: np.ndarray
     line_flux: np.ndarray = field(default_factory=lambda: np.zeros(len(LINE_NAMES)))
     sigma_v: float = 80.0
+    ebv: float = 0.0
+    line_wave: np.ndarray | None = None
 
     def __add__(self, other: "GalaxySED") -> "GalaxySED":
-        if other.z != self.z:
-            raise ValueError("cannot add SEDs at different redshifts")
-        has = self.line_flux.any()
+        if other.z != self.z or other.ebv != self.ebv or other.line_wave is not self.line_wave:
+            raise ValueError("cannot add SEDs at different redshifts, dust or line lists")
+        has = np.any(self.line_flux)
         return GalaxySED(self.z, self.weights + other.weights, self.line_flux + other.line_flux,
-                         self.sigma_v if has else other.sigma_v)
+                         self.sigma_v if has else other.sigma_v, self.ebv, self.line_wave)
 
     def scaled(self, a: float) -> "GalaxySED":
-        return GalaxySED(self.z, self.weights * a, self.line_flux * a, self.sigma_v)
+        return replace(self, weights=self.weights * a, line_flux=self.line_flux * a)
 
     def continuum(self, wavelength: np.ndarray) -> np.ndarray:
         """Unconvolved observed continuum f_lambda (1e-17 erg/s/cm^2/A) at `wavelength` (A)."""
@@ -261,16 +335,16 @@ class GalaxySED:
         for w, (tw, tf) in zip(self.weights, templates()):
             if w != 0:
                 f += w * np.interp(rest, tw, tf, left=0.0, right=0.0)
-        return f / (1 + self.z)
+        return f * dust_transmission(rest, self.ebv) / (1 + self.z)
 
     def maggies(self, names: tuple[str, ...]) -> np.ndarray:
         """(B,) AB maggies through the registry bands `names` (continuum + lines)."""
-        cont = self.weights @ template_maggies(self.z, names)
-        return cont + line_maggies(LINE_WAVE * (1 + self.z), self.line_flux, names)
+        return self.weights @ template_maggies(self.z, names, self.ebv) + self.line_maggies(names)
 
     def spectrum(self, wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
         """Observed f_lambda (1e-17 erg/s/cm^2/A) on the pixel centres `wavelength` (A),
-        convolved with a Gaussian line spread of resolving power `resolution` (per pixel)."""
+        convolved with a Gaussian line spread of resolving power `resolution` (per pixel).
+        The dust screen, smooth on the scale of the line spread, multiplies afterwards."""
         wavelength = np.asarray(wavelength, float)
         fine = _fine_continua()                                         # (R, K, G)
         x = (np.log(wavelength / (1 + self.z)) - _FINE_LN_MIN) / _FINE_DLN
@@ -286,24 +360,60 @@ class GalaxySED:
             for ii, i_w in ((i, 1 - f), (i + 1, f)):          # linear interpolation on the grid
                 vals = fine[r_idx[None, :], active[:, None], ii[None, :]]   # (K', L)
                 flux += r_w * i_w * (w @ vals)
-        flux = flux / (1 + self.z)
+        flux = flux * dust_transmission(wavelength / (1 + self.z), self.ebv) / (1 + self.z)
         return flux + self._lines(wavelength, resolution)
 
-    def _lines(self, wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
-        on = self.line_flux > 0
-        if not on.any():
-            return np.zeros_like(wavelength)
-        centre = LINE_WAVE[on] * (1 + self.z)                             # (J,)
-        R_at = np.interp(centre, wavelength, resolution)
-        sigma = np.hypot(centre * self.sigma_v / C_KMS, centre / (FWHM_PER_SIGMA * R_at))
-        edges = pixel_edges(wavelength)                                   # (L+1,)
-        out = np.zeros(len(wavelength))
-        lo = np.searchsorted(edges, centre - 8 * sigma)                   # only +-8 sigma around each line
-        hi = np.searchsorted(edges, centre + 8 * sigma)
-        for c, s, flux, a, b in zip(centre, sigma, self.line_flux[on], lo, hi):
-            a, b = max(a - 1, 0), min(b + 1, len(edges))
-            if b - a < 2:
-                continue
-            frac = 0.5 * np.diff(erf((edges[a:b] - c) / (np.sqrt(2) * s)))   # flux fraction per pixel
-            out[a:b - 1] += flux * frac
-        return out / np.diff(edges)
+
+@dataclass
+class SmoothSED(_LineSED):
+    """A point source's observed-frame SED: a smooth rest-frame continuum plus lines.
+
+    z:         redshift (a star's is its radial velocity / c).
+    rest_wave: (P,) rest wavelengths, A, increasing; rest_flux: (P,) f_lambda there, in
+               1e-17 erg/s/cm^2/A as observed (the 1/(1+z) of redshifting included).
+    line_flux, line_wave, sigma_v: the lines (see _LineSED); sigma_v may be per line.
+    """
+    z: float
+    rest_wave: np.ndarray
+    rest_flux: np.ndarray
+    line_flux: np.ndarray
+    line_wave: np.ndarray
+    sigma_v: float | np.ndarray = 80.0
+
+    def scaled(self, a: float) -> "SmoothSED":
+        return replace(self, rest_flux=self.rest_flux * a, line_flux=self.line_flux * a)
+
+    def continuum(self, wavelength: np.ndarray) -> np.ndarray:
+        """Observed continuum f_lambda (1e-17 erg/s/cm^2/A) at `wavelength` (A), after the
+        intergalactic medium."""
+        wavelength = np.asarray(wavelength, float)
+        f = np.interp(wavelength / (1 + self.z), self.rest_wave, self.rest_flux, left=0.0, right=0.0)
+        return f * igm_transmission(wavelength, self.z) if self.z > 0 else f
+
+    def maggies(self, names: tuple[str, ...]) -> np.ndarray:
+        """(B,) AB maggies through the registry bands `names` (continuum + lines)."""
+        return smooth_maggies(self.continuum(PHOT_WAVE), names) + self.line_maggies(names)
+
+    def spectrum(self, wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
+        """Observed f_lambda (1e-17 erg/s/cm^2/A) on the pixel centres `wavelength` (A):
+        the continuum sampled (it is smooth on the line-spread scale), lines convolved."""
+        return self.continuum(wavelength) + self._lines(np.asarray(wavelength, float), resolution)
+
+
+@dataclass
+class CompositeSED:
+    """The sum of SEDs at one redshift (a galaxy's bulge and its dusty disk)."""
+    parts: tuple
+
+    @property
+    def z(self) -> float:
+        return self.parts[0].z
+
+    def continuum(self, wavelength: np.ndarray) -> np.ndarray:
+        return sum(p.continuum(wavelength) for p in self.parts)
+
+    def maggies(self, names: tuple[str, ...]) -> np.ndarray:
+        return sum(p.maggies(names) for p in self.parts)
+
+    def spectrum(self, wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
+        return sum(p.spectrum(wavelength, resolution) for p in self.parts)

@@ -7,7 +7,10 @@
 `simulate` cuts the object range into contiguous chunks of --shard-size objects; chunk
 k becomes shard `sky-{k:06d}.tar`, whichever worker simulates it, so the output is
 byte-identical for any --workers. The manifest records the sky config and per-modality
-counts. `verify` exits 1 naming shards whose size or sha256 differ from the manifest.
+counts. `verify` exits 1 naming shards whose size or sha256 differ from the manifest,
+missing shards, or (with --deep) shards and samples that do not read; `inspect` prints
+the manifest, per-modality counts and what could not be read, and draws a PNG grid of the
+first objects (every image band, every spectrum).
 """
 from __future__ import annotations
 
@@ -20,14 +23,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 
 from ..config import ConfigError, from_dict, load_config, parse_overrides, to_dict
 from .codec import encode_sample
-from .writer import ShardWriter, read_manifest, shard_urls, verify
+from .summary import PAIRS
+from .writer import ShardWriter, read_manifest
 
 PREFIX = "sky"
-PAIRS = (("image.des", "image.hsc"), ("spectrum.sdss", "spectrum.desi"))
 
 
 def _write_chunk(task: tuple[dict, int, int, int, str]) -> dict:
@@ -63,6 +65,8 @@ def run_simulate(cfg, out: str | Path, shard_size: int = 500, workers: int = 1,
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{PREFIX}-*.tar"):          # a rerun must not leave stale shards
         old.unlink()
+    for tmp in out.glob(f".tmp-{PREFIX}-*"):         # nor an interrupted run its half-written ones
+        shutil.rmtree(tmp, ignore_errors=True)
     cfg_dict = to_dict(cfg)
     tasks = [(cfg_dict, k, start, min(start + shard_size, cfg.n), str(out))
              for k, start in enumerate(range(0, cfg.n, shard_size))]
@@ -118,104 +122,74 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_verify(args) -> int:
+    from .summary import check, report_ok
     try:
-        bad = verify(args.dir)
+        r = check(args.dir, deep=args.deep)
     except FileNotFoundError as e:
         print(f"omnisky-shards verify: {e}", file=sys.stderr)
         return 1
-    n = len(read_manifest(args.dir)["shards"])
-    if bad:
-        print(f"{args.dir}: {len(bad)} of {n} shard(s) differ from the manifest: {', '.join(bad)}")
-        return 1
-    print(f"{args.dir}: all {n} shard(s) match the manifest")
-    return 0
-
-
-def _stretch(img: np.ndarray) -> np.ndarray:
-    """asinh stretch scaled by a robust noise estimate, for display."""
-    scale = 1.4826 * np.median(np.abs(img - np.median(img))) + 1e-12
-    return np.arcsinh(img / (3 * scale))
-
-
-def _draw_grid(samples: list, path: str | Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .sky import DES_BANDS, HSC_BANDS
-
-    columns = [("image.des", b) for b in DES_BANDS] + [("image.hsc", b) for b in HSC_BANDS]
-    n_img = len(columns)
-    fig = plt.figure(figsize=(1.3 * n_img + 6, 1.4 * len(samples) + 0.4))
-    grid = fig.add_gridspec(len(samples), n_img + 4)
-    for row, s in enumerate(samples):
-        for col, (key, band) in enumerate(columns):
-            ax = fig.add_subplot(grid[row, col])
-            ax.set_xticks([]), ax.set_yticks([])
-            rec = s.records.get(key)
-            if rec is not None:
-                ax.imshow(_stretch(rec.flux[rec.bands.index(band)]), origin="lower", cmap="gray")
-            if row == 0:
-                ax.set_title(band, fontsize=8)
-            if col == 0:
-                ax.set_ylabel(f"{s.object_id}\nz={s.params.get('z', float('nan')):.2f}", fontsize=6)
-        ax = fig.add_subplot(grid[row, n_img:])
-        for key, color in (("spectrum.sdss", "tab:blue"), ("spectrum.desi", "tab:orange")):
-            rec = s.records.get(key)
-            if rec is not None:
-                good = ~rec.mask
-                ax.plot(rec.wavelength[good], rec.flux[good], lw=0.3, color=color, alpha=0.6,
-                        label=key.split(".")[1])
-                if key in s.truth:
-                    ax.plot(rec.wavelength, s.truth[key], lw=0.6, color=color)
-        ax.tick_params(labelsize=6)
-        if ax.lines:
-            lo, hi = np.percentile(np.concatenate([l.get_ydata() for l in ax.lines]), [1, 99.5])
-            ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.2 * (hi - lo))
-            ax.legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    print(f"{args.dir}: {len(r['ok'])} of {r['shards']} shard(s) match the manifest")
+    if r["bad"]:
+        print(f"  {len(r['bad'])} differ from the manifest (size or sha256): {', '.join(r['bad'])}")
+    if r["missing"]:
+        print(f"  {len(r['missing'])} missing: {', '.join(r['missing'])}")
+    if r["unlisted"]:
+        print(f"  {len(r['unlisted'])} tar file(s) not in the manifest (not streamed): {', '.join(r['unlisted'])}")
+    if args.deep:
+        s = r["stream"]
+        print(f"  read {s['samples_read']} of {r['samples_expected']} sample(s); "
+              f"{s['n_corrupt_shards']} corrupt shard(s), {s['n_corrupt_samples']} corrupt sample(s)")
+        for name, why in s["corrupt_shards"].items():
+            print(f"    {Path(name).name}: {why}")
+    return 0 if report_ok(r) else 1
 
 
 def _cmd_inspect(args) -> int:
-    from .reader import stream
+    from .grid import draw_grid
+    from .reader import StreamStats
+    from .summary import summarize
     manifest = read_manifest(args.dir)
     print(f"{args.dir}: kind {manifest.get('kind')}, {manifest.get('total')} object(s) "
           f"in {len(manifest['shards'])} shard(s)")
     for s in manifest["shards"]:
         print(f"  {s['name']}  {s['count']:6d} objects  {s['bytes'] / 1e6:8.2f} MB")
-    if manifest.get("kind") != "raw":
-        return 0
-    counts, pairs, first, total = Counter(), Counter(), [], 0
-    for sample in stream(shard_urls(args.dir), decode="raw", split=False):
-        total += 1
-        counts.update(list(sample.records))
-        pairs.update("+".join(p) for p in PAIRS if all(k in sample.records for k in p))
-        if len(first) < args.n:
-            first.append(sample)
-    print(f"modalities ({total} object(s) read from the shards):")
-    total = max(total, 1)
-    for key, n in sorted(counts.items()):
-        print(f"  {key:28s} {n:6d}  ({100 * n / total:.0f}%)")
-    for key, n in sorted(pairs.items()):
-        print(f"  {key:28s} {n:6d}  ({100 * n / total:.0f}%)")
+    for key, value in manifest.get("summary", {}).items():
+        if value:
+            print(f"  summary {key}: {value}")
+    stats = StreamStats()
+    found = summarize(args.dir, n_keep=args.n, stats=stats)
+    total = max(found["objects"], 1)
+    print(f"modalities ({found['objects']} object(s) read from the shards):")
+    for key, n in list(found["modalities"].items()) + list(found["pairs"].items()):
+        tokens = found["tokens_per_modality"].get(key)
+        print(f"  {key:28s} {n:6d}  ({100 * n / total:.0f}%)" + (f"  {tokens} tokens" if tokens else ""))
+    print(f"read: {stats}")
     if args.png:
-        _draw_grid(first, args.png)
-        print(f"wrote {args.png} ({len(first)} objects)")
+        if found["kind"] != "raw":
+            print("omnisky-shards inspect: --png needs raw shards (token shards hold no pixels)", file=sys.stderr)
+            return 2
+        draw_grid(found["first"], args.png)
+        print(f"wrote {args.png} ({len(found['first'])} objects)")
     return 0
 
 
 def _cmd_ingest(args) -> int:
     from .ingest import IngestError, ingest
+    from .ingest_catalog import load_catalog_config
     try:
-        manifest = ingest(args.files, args.out, args.shard_size, args.size, args.match_radius)
-    except (IngestError, FileNotFoundError) as e:
+        catalog = load_catalog_config(args.catalog_map) if args.catalog_map else None
+        manifest = ingest(args.files, args.out, args.shard_size, args.size, args.match_radius, catalog,
+                          args.mmu_instrument)
+    except (IngestError, ConfigError, FileNotFoundError) as e:
         print(f"omnisky-shards ingest: {e}", file=sys.stderr)
         return 2
     s = manifest["summary"]
     print(f"ingested {len(args.files)} file(s) into {s['objects']} object(s) in {args.out}: "
           f"{s['matched']} cross-matched, {s['unmatched']} unmatched, "
           f"{s['dropped_sky_fibres']} sky/blank fibre(s) dropped, {s['invalid_pixels']} invalid pixel(s) masked")
+    for key in ("masked_scalars", "dropped_rows", "dropped_records", "scalar_conflicts"):
+        if s[key]:
+            print(f"  {key.replace('_', ' ')}: {s[key]}")
     for key, n in manifest["modality_counts"].items():
         print(f"  {key:16s} {n}")
     return 0
@@ -237,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_simulate)
     v = sub.add_parser("verify", help="check shard sizes and checksums against the manifest")
     v.add_argument("dir")
+    v.add_argument("--deep", action="store_true", help="also read and decode every sample")
     v.set_defaults(func=_cmd_verify)
     i = sub.add_parser("inspect", help="summarise a shard directory, draw a PNG grid")
     i.add_argument("dir")
@@ -244,11 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--n", type=int, default=8, help="objects in the PNG grid")
     i.set_defaults(func=_cmd_inspect)
     g = sub.add_parser("ingest", help="real survey FITS files -> raw shards, cross-matched by RA/Dec")
-    g.add_argument("files", nargs="+", help="Legacy/HSC cut-outs (+ PSF files), SDSS spec-*, DESI coadd-*")
+    g.add_argument("files", nargs="+", help="Legacy/HSC cut-outs (+ PSF files), SDSS spec-*, DESI coadd-*, "
+                   "FITS catalogs, Multimodal Universe HDF5 files")
     g.add_argument("--out", required=True, help="output shard directory")
     g.add_argument("--size", type=int, default=None, help="cut centred size x size image stamps")
     g.add_argument("--shard-size", type=int, default=500, help="objects per shard")
     g.add_argument("--match-radius", type=float, default=1.0, help="cross-match radius, arcsec")
+    g.add_argument("--catalog-map", default=None, help="catalog column -> scalar mapping YAML "
+                   "(e.g. launch/ingest/sdss_photoz.yaml); needed for FITS catalogs")
+    g.add_argument("--mmu-instrument", default=None, help="instrument of MMU spectra whose file does not name it")
     g.set_defaults(func=_cmd_ingest)
     return p
 

@@ -57,13 +57,21 @@ def psf_fwhm(psf: np.ndarray, pixel_scale: float) -> float:
     return float(2.3548 * sigma * pixel_scale)
 
 
+def sky_sigma(cube: np.ndarray) -> np.ndarray:
+    """(C,) sky noise per plane of a (C, H, W) cube: sigma-clipped (3 sigma, 5 iterations)
+    MAD standard deviation of its finite pixels; for files that carry no variance."""
+    from astropy.stats import sigma_clipped_stats
+    return np.array([sigma_clipped_stats(p[np.isfinite(p)], sigma=3.0, maxiters=5, stdfunc="mad_std")[2]
+                     for p in cube])
+
+
 def _pixel_scale(wcs) -> float:
     """arcsec per pixel from a celestial WCS (mean of the two axes)."""
     from astropy.wcs.utils import proj_plane_pixel_scales
     return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
 
 
-def _stamp(shape_hw: tuple[int, int], size: int | None, source: str) -> tuple[slice, slice]:
+def stamp_slices(shape_hw: tuple[int, int], size: int | None, source: str) -> tuple[slice, slice]:
     """Centred (rows, cols) slices of a size x size stamp (whole image if size is None)."""
     H, W = shape_hw
     if size is None:
@@ -105,7 +113,7 @@ def read_legacy(path: str | Path, psf_path: str | Path | None = None,
             raise ValueError(f"{path}: band {f!r} lacks its {({'image', 'invvar'} - set(planes[f])).pop()} HDU")
     if not filters or wcs is None:
         raise ValueError(f"{path}: no Legacy Surveys g/r/z image HDUs (BAND, IMAGETYP keywords)")
-    rows, cols = _stamp(planes[filters[0]]["image"].shape, size, str(path))
+    rows, cols = stamp_slices(planes[filters[0]]["image"].shape, size, str(path))
     flux = np.stack([planes[f]["image"][rows, cols] for f in filters])    # (C, H, W)
     ivar = np.stack([planes[f]["invvar"][rows, cols] for f in filters])   # (C, H, W)
     pixel_scale = _pixel_scale(wcs)
@@ -124,7 +132,6 @@ def read_hsc(path: str | Path, psf_path: str | Path | None = None,
     ivar = 1 / sigma^2 everywhere (source Poisson noise is not included; meta
     'ivar_source' = 'sky_mad')."""
     from astropy.io import fits
-    from astropy.stats import sigma_clipped_stats
     from astropy.wcs import WCS
     path = Path(path)
     with fits.open(path) as hdul:
@@ -132,9 +139,8 @@ def read_hsc(path: str | Path, psf_path: str | Path | None = None,
         wcs = WCS(hdul[0].header).celestial
     if cube.ndim != 3 or cube.shape[0] != len(HSC_FILTERS):
         raise ValueError(f"{path}: expected an HSC (5, H, W) g,r,i,z,y cube, got shape {cube.shape}")
-    rows, cols = _stamp(cube.shape[1:], size, str(path))
-    sigma = np.array([sigma_clipped_stats(p[np.isfinite(p)], sigma=3.0, maxiters=5, stdfunc="mad_std")[2]
-                      for p in cube])                                   # (C,) from the whole cut-out
+    rows, cols = stamp_slices(cube.shape[1:], size, str(path))
+    sigma = sky_sigma(cube)                                               # (C,) from the whole cut-out
     flux = cube[:, rows, cols]                                            # (C, H, W)
     ivar = np.broadcast_to((1.0 / sigma ** 2)[:, None, None], flux.shape).copy()
     pixel_scale = _pixel_scale(wcs)

@@ -133,6 +133,13 @@ def test_cli_ingest_round_trip(tmp_path):
     hsc = next(v for v in got.values() if "image.hsc" in v.records)
     assert hsc.meta["sources"][0]["kind"] == "hsc"
     assert not np.allclose(hsc.records["image.hsc"].psf_fwhm, [0.77, 0.76, 0.58, 0.68, 0.68])
+    # inspect: a column per band of every survey found, and the spectra
+    from omnisky.shards.grid import image_columns
+    assert [b for _, b in image_columns(list(got.values()))] == [
+        "hsc.g", "hsc.r", "hsc.i", "hsc.z", "hsc.y", "legacy.g", "legacy.r", "legacy.z"]
+    png = tmp_path / "real.png"
+    assert main(["inspect", str(out), "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_crossmatch_merges_an_image_and_a_spectrum(tmp_path):
@@ -207,3 +214,227 @@ def test_ingested_records_encode_with_the_tokenizers():
     with torch.no_grad():
         sids = stok.encode(spectra)
     assert sids.shape == (2, stok.n_tokens) and int(sids.min()) >= 0 and int(sids.max()) < stok.vocab_size
+
+
+# ----------------------------------------------------------------- catalogs of scalars
+
+SDSS_PHOTOZ = DATA / "sdss_photoz" / "sdss_galaxies_dev.fits"
+CATALOG_MAP = Path(__file__).resolve().parents[1] / "launch" / "ingest" / "sdss_photoz.yaml"
+
+
+def test_real_sdss_catalog_round_trips(tmp_path):
+    need(SDSS_PHOTOZ)
+    from astropy.io import fits
+    from omnisky.shards.cli import main
+    from omnisky.shards.reader import stream
+    from omnisky.shards.writer import read_manifest, shard_urls, verify
+    out = tmp_path / "cat"
+    assert main(["ingest", str(SDSS_PHOTOZ), "--catalog-map", str(CATALOG_MAP), "--out", str(out),
+                 "--shard-size", "3000"]) == 0
+    m = read_manifest(out)
+    assert verify(out) == [] and m["total"] == 7000 and len(m["shards"]) == 3
+    assert m["modality_counts"]["scalar.sdss_flux_r"] == 7000 and m["modality_counts"]["scalar.redshift"] == 7000
+    with fits.open(SDSS_PHOTOZ) as h:
+        t = h[1].data
+        nuv_missing = int(((t["NUV_FLUX_AUTO"] == -99) | (t["NUV_FLUX_AUTO"] == 0)).sum())
+        flux, ivar, z, ra = (np.asarray(t[c], np.float64) for c in ("MODELFLUX", "MODELFLUX_IVAR", "Z", "RA"))
+    assert m["summary"]["masked_scalars"] == {"galex_flux_nuv": nuv_missing}
+    assert m["modality_counts"]["scalar.galex_flux_nuv"] == 7000 - nuv_missing
+    for s in stream(shard_urls(out), split=False):
+        i = s.meta["row"]                                    # the catalog row it came from
+        assert s.meta["ra"] == ra[i]
+        got = s.records["scalar.sdss_flux_g"]
+        assert got.value == pytest.approx(flux[i, 1]) and got.uncertainty == pytest.approx(ivar[i, 1] ** -0.5)
+        assert s.records["scalar.redshift"].value == pytest.approx(z[i])
+
+
+def _write_table(path, **columns):
+    from astropy.io import fits
+    from astropy.table import Table
+    Table(columns).write(path, format="fits")
+    with fits.open(path, mode="update") as h:       # units as a survey would write them
+        for i, name in enumerate(h[1].columns.names, start=1):
+            if name.startswith("FLUX_UJY"):
+                h[1].header[f"TUNIT{i}"] = "uJy"
+    return path
+
+
+def test_catalog_units_and_invalid_values(tmp_path):
+    from omnisky.shards.ingest_catalog import CatalogConfig, read_catalog
+    path = _write_table(tmp_path / "cat.fits", RA=np.array([10.0, 10.1, 10.2, np.nan, 10.4]),
+                        DEC=np.array([1.0, 1.0, 1.0, 1.0, 1.0]),
+                        FLUX_UJY=np.array([3.631, np.nan, 1.0, 1.0, -99.0]),
+                        FLUX_UJY_ERR=np.array([0.3631, 0.1, -1.0, 0.1, 0.1]),
+                        MAG=np.array([22.5, 20.0, 99.0, 20.0, np.inf]), MAG_ERR=np.array([0.1, 0.2, 0.1, 0.1, 0.1]),
+                        IVAR=np.array([4.0, 0.0, 1.0, 1.0, -1.0]), ZSPEC=np.array([0.1, 0.2, 0.3, 0.4, 0.5]))
+    cfg = CatalogConfig(prefix="t", columns=[
+        dict(name="flux_a", column="FLUX_UJY", error="FLUX_UJY_ERR", to_unit="nanomaggy", invalid=[-99.0]),
+        dict(name="flux_b", column="MAG", error="MAG_ERR", unit="mag", to_unit="nanomaggy", invalid=[99.0]),
+        dict(name="z", column="ZSPEC", ivar="IVAR")])
+    samples, counts = read_catalog(path, cfg)
+    assert counts["dropped_rows"] == {"no position": 1, "no valid scalar": 1}
+    assert counts["masked"] == {"flux_a": 3, "flux_b": 2, "z": 2}
+    a, b, c = samples
+    assert set(c.records) == {"scalar.z"}
+    assert a.records["scalar.flux_a"].value == pytest.approx(1.0)          # 3.631 uJy = 1 nanomaggy
+    assert a.records["scalar.flux_a"].uncertainty == pytest.approx(0.1)
+    assert a.records["scalar.flux_b"].value == pytest.approx(1.0)          # AB 22.5 = 1 nanomaggy
+    assert a.records["scalar.flux_b"].uncertainty == pytest.approx(0.4 * np.log(10) * 0.1)
+    assert a.records["scalar.z"].uncertainty == pytest.approx(0.5)
+    assert set(b.records) == {"scalar.flux_b"} and b.records["scalar.flux_b"].value == pytest.approx(10.0)
+    from omnisky.config import ConfigError
+    with pytest.raises(ConfigError, match="colum"):
+        CatalogConfig(columns=[dict(name="x", colum="Z")])
+    with pytest.raises(ValueError, match="no column 'NOPE'"):
+        read_catalog(path, CatalogConfig(columns=[dict(name="x", column="NOPE")]))
+    with pytest.raises(ValueError, match="cannot convert unit"):
+        read_catalog(path, CatalogConfig(columns=[dict(name="x", column="FLUX_UJY", to_unit="Angstrom")]))
+
+
+def test_catalog_crossmatches_with_a_spectrum(tmp_path):
+    need(SDSS)
+    from astropy.io import fits
+    from omnisky.shards.ingest import IngestError, ingest
+    from omnisky.shards.ingest_catalog import CatalogConfig
+    with fits.open(SDSS) as h:
+        ra, dec = float(h["SPECOBJ"].data["PLUG_RA"][0]), float(h["SPECOBJ"].data["PLUG_DEC"][0])
+    cat = _write_table(tmp_path / "mine.fits", RA=np.array([ra + 0.3 / 3600, ra + 1.0]), DEC=np.array([dec, dec]),
+                       Z=np.array([0.5, 0.2]), R=np.array([100.0, 50.0]))
+    cfg = CatalogConfig(columns=[dict(name="redshift", column="Z"), dict(name="flux_r", column="R")])
+    m = ingest([SDSS, cat], tmp_path / "out", catalog=cfg)
+    s = m["summary"]
+    assert s["objects"] == 2 and s["matched"] == 1 and s["scalar_conflicts"] == {"scalar.redshift": 1}
+    assert m["modality_counts"]["scalar.flux_r"] == 2 and m["modality_counts"]["spectrum.sdss"] == 1
+    with pytest.raises(IngestError, match="mine.fits.*column mapping"):
+        ingest([cat], tmp_path / "out2")
+
+
+# ----------------------------------------------------------------- Multimodal Universe HDF5
+
+def _write_mmu(path, images=None, spectra=None, n=3, ra0=150.0, dec0=2.0, **extra):
+    """A file in the Multimodal Universe layout: one dataset per column over n objects."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        f["object_id"] = np.arange(1000, 1000 + n)
+        f["ra"] = ra0 + np.arange(n) * 0.01
+        f["dec"] = np.full(n, dec0)
+        for group in (images, spectra):
+            for name, value in (group or {}).items():
+                f[name] = value
+        for name, value in extra.items():
+            f[name] = value
+    return path
+
+
+def _mmu_images(n=3, size=20, bands=(b"hsc-g", b"hsc-r", b"hsc-i")):
+    rng = np.random.default_rng(0)
+    c = len(bands)
+    return dict(image_band=np.array([list(bands)] * n, dtype="S8"),
+                image_array=rng.normal(0, 0.1, (n, c, size, size)).astype(np.float32),
+                image_ivar=np.full((n, c, size, size), 100.0, np.float32),
+                image_mask=np.zeros((n, c, size, size), bool),
+                image_psf_fwhm=np.full((n, c), 0.7, np.float32), image_scale=np.full((n, c), 0.168, np.float32))
+
+
+def _mmu_spectra(n=3, length=50, pad=5):
+    lam = np.tile(np.linspace(4000.0, 5000.0, length), (n, 1))
+    lam[:, length - pad:] = -1.0                             # MMU pads short spectra with lambda -1
+    mask = np.zeros((n, length), bool)
+    mask[:, length - pad:] = True
+    return dict(spectrum_lambda=lam.astype(np.float32), spectrum_flux=np.ones((n, length), np.float32),
+                spectrum_ivar=np.full((n, length), 4.0, np.float32), spectrum_mask=mask,
+                spectrum_lsf_sigma=np.full((n, length), 1.5, np.float32))
+
+
+def test_mmu_file_round_trips_through_shards(tmp_path):
+    from omnisky.shards.ingest import detect_kind, ingest
+    from omnisky.shards.ingest_catalog import CatalogConfig
+    from omnisky.shards.reader import stream
+    from omnisky.shards.writer import shard_urls
+    imgs = _mmu_images()
+    imgs["image_array"][1, 0, 3, 4] = np.nan                 # masked and counted
+    imgs["image_ivar"][2, 1, 5, 5] = -1.0
+    img_file = _write_mmu(tmp_path / "hsc_mmu.hdf5", images=imgs, z_spec=np.array([0.1, 0.2, np.nan]))
+    spec_file = _write_mmu(tmp_path / "spectra.hdf5", spectra=_mmu_spectra(), n=3, ra0=150.0 + 0.2 / 3600)
+    assert detect_kind(img_file) == "mmu"
+    cfg = CatalogConfig(ra="ra", dec="dec", columns=[dict(name="redshift", column="z_spec")])
+    m = ingest([img_file, spec_file], tmp_path / "out", size=16, catalog=cfg, instrument="desi")
+    s = m["summary"]
+    assert s["objects"] == 3 and s["matched"] == 3 and s["invalid_pixels"] == 2
+    assert s["masked_scalars"] == {"redshift": 1}
+    assert m["modality_counts"] == {"image.hsc": 3, "scalar.redshift": 2, "spectrum.desi": 3}
+    got = {o.object_id: o for o in stream(shard_urls(tmp_path / "out"), split=False)}
+    o = got["mmu-img-1001"]
+    im = o.records["image.hsc"]
+    assert im.bands == ("hsc.g", "hsc.r", "hsc.i") and im.flux.shape == (3, 16, 16) and im.zero_point == 27.0
+    assert im.pixel_scale == pytest.approx(0.168) and im.mask[0, 1, 2] and im.ivar[0, 1, 2] == 0
+    np.testing.assert_array_equal(im.flux[1], imgs["image_array"][1, 1, 2:18, 2:18])
+    sp = o.records["spectrum.desi"]
+    assert sp.wavelength.shape == (45,) and not sp.mask.any()           # the padding is cut
+    dlam = 1000.0 / 49
+    assert sp.resolution[10] == pytest.approx(sp.wavelength[10] / (2.3548 * 1.5 * dlam), rel=1e-4)
+    assert o.records["scalar.redshift"].value == pytest.approx(0.2)
+
+
+def test_mmu_sdss_spectrum_matches_the_fits_reader(tmp_path):
+    """A real SDSS spectrum written in the MMU layout (as MMU's SDSS build does: lsf_sigma = wdisp,
+    mask = and_mask != 0 or ivar <= 1e-6) reads back as the spec-*.fits reader reads it."""
+    need(SDSS)
+    from astropy.io import fits
+    from omnisky.shards.ingest_mmu import read_mmu
+    from omnisky.shards.ingest_spectra import read_sdss
+    with fits.open(SDSS) as h:
+        c = h["COADD"].data
+        lam, flux, ivar, wdisp = (10 ** np.asarray(c["loglam"], np.float64), c["flux"], c["ivar"], c["wdisp"])
+        sp = h["SPECOBJ"].data[0]
+        ra, dec, z = sp["PLUG_RA"], sp["PLUG_DEC"], sp["Z"]
+    (tmp_path / "sdss").mkdir()
+    path = _write_mmu(tmp_path / "sdss" / "x.hdf5",
+                      spectra=dict(spectrum_lambda=lam[None].astype(np.float32), spectrum_flux=flux[None],
+                                   spectrum_ivar=ivar[None], spectrum_mask=(ivar <= 1e-6)[None],
+                                   spectrum_lsf_sigma=wdisp[None]), n=1, ra0=ra, dec0=dec, Z=np.array([z]))
+    (mmu,), counts = read_mmu(path)
+    assert (mmu.meta["ra"], mmu.meta["dec"]) == (pytest.approx(ra), pytest.approx(dec)) and counts["rows"] == 1
+    ref = read_sdss(SDSS).records["spectrum.sdss"]
+    got = mmu.records["spectrum.sdss"]                       # instrument from the folder name
+    np.testing.assert_allclose(got.wavelength, ref.wavelength, rtol=1e-6)
+    np.testing.assert_allclose(got.resolution, ref.resolution, rtol=2e-3)
+    good = ~got.mask & ~ref.mask
+    assert good.mean() > 0.9
+    np.testing.assert_allclose(got.flux[good], ref.flux[good], rtol=1e-6)
+
+
+@pytest.mark.parametrize("case, field", [
+    ("unknown_band", "image_band"),
+    ("wavelength_order", "spectrum_lambda"),
+    ("missing_lsf", "spectrum_lsf_sigma"),
+])
+def test_mmu_bad_input_names_file_object_and_field(tmp_path, case, field):
+    from omnisky.shards.ingest import IngestError, ingest
+    imgs, specs = _mmu_images(), _mmu_spectra()
+    if case == "unknown_band":
+        imgs["image_band"][1, 2] = b"hsc-w"
+    elif case == "wavelength_order":
+        specs["spectrum_lambda"][2, 10], specs["spectrum_lambda"][2, 11] = 4300.0, 4200.0
+    else:
+        del specs["spectrum_lsf_sigma"]
+    path = _write_mmu(tmp_path / "bad.hdf5", images=imgs, spectra=specs)
+    with pytest.raises(IngestError) as err:
+        ingest([path], tmp_path / "out", instrument="desi")
+    assert "bad.hdf5" in str(err.value) and field in str(err.value)
+    if case != "missing_lsf":
+        assert ("1001" if case == "unknown_band" else "1002") in str(err.value)
+
+
+def test_mmu_fully_masked_records_are_dropped_and_counted(tmp_path):
+    from omnisky.shards.ingest import ingest
+    imgs, specs = _mmu_images(), _mmu_spectra()
+    specs["spectrum_mask"][0] = True                        # object 1000: spectrum dropped, image kept
+    specs["spectrum_ivar"][1] = 0.0                         # object 1001: every pixel masked via ivar 0
+    imgs["image_ivar"][1] = np.nan                          # ... and its image: the object is dropped
+    path = _write_mmu(tmp_path / "m.hdf5", images=imgs, spectra=specs)
+    m = ingest([path], tmp_path / "out", instrument="desi")
+    s = m["summary"]
+    assert s["objects"] == 2 and m["modality_counts"] == {"image.hsc": 2, "spectrum.desi": 1}
+    assert s["dropped_records"] == {"image.hsc: every pixel masked": 1, "spectrum.desi: every pixel masked": 2}
+    assert s["dropped_rows"] == {"m.hdf5: nothing valid": 1}

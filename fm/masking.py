@@ -8,16 +8,23 @@
 For one object (which holds only some modalities):
 1. Input shares over the modalities the object HAS come from a Dirichlet distribution
    whose concentration is drawn from a mixture (`input_alphas`; small alpha puts most of
-   the budget on one modality, large alpha spreads it). Each modality's input count is a
-   multinomial draw of `input_budget` with those shares, capped at the modality's tokens
-   (and `max_input_tokens[key]`). Budget a modality cannot use is not moved elsewhere:
-   it becomes padding, so sometimes an object is seen only through, say, its redshift.
-2. Target shares come from a second Dirichlet (`target_alphas`). `target_budget` is
-   filled from the tokens not chosen as inputs, moving budget a modality cannot use to
-   the others (every target slot is training signal), capped by `max_target_tokens`.
+   the budget on one modality, large alpha spreads it). Each modality first gets its
+   `min_input_tokens[key]` (as far as it has tokens), then the rest of `input_budget` is
+   a multinomial draw with those shares; counts are capped at the modality's tokens (and
+   `max_input_tokens[key]`). Budget a modality cannot use is not moved elsewhere: it
+   becomes padding (which costs no compute, see fm.packing), so sometimes an object is
+   seen only through, say, its redshift.
+2. Target shares come from a second Dirichlet (`target_alphas`). Each modality first
+   gets its `min_target_tokens[key]` of the tokens not chosen as inputs, then the rest
+   of `target_budget` is filled from those tokens, moving budget a modality cannot use
+   to the others (every target slot is training signal), capped by `max_target_tokens`.
 3. At least one input and one target token are kept when the object has two or more
    tokens. Which tokens of a modality are inputs or targets is a random permutation:
    input and target positions are disjoint.
+
+Minimums are honoured as far as the object's tokens allow (inputs first: a one-token
+scalar with a minimum of 1 input and 1 target is an input); a modality the object lacks
+gets nothing. The minimums of all modalities must fit in the budgets.
 
 Output (fixed sizes, so the collate is a stack): ids are local to their modality,
 `*_mod` is the modality's index in the table, `*_pos` the position inside the
@@ -41,11 +48,25 @@ class MaskingConfig:
     target_alphas: tuple[float, ...] = (0.2, 1.0, 5.0)
     max_input_tokens: dict[str, int] = field(default_factory=dict)   # per-modality caps
     max_target_tokens: dict[str, int] = field(default_factory=dict)
+    min_input_tokens: dict[str, int] = field(default_factory=dict)   # per-modality floors
+    min_target_tokens: dict[str, int] = field(default_factory=dict)
     seed: int = 0                        # base seed of the masking RNG in the data workers
 
     def __post_init__(self):
         if self.input_budget < 1 or self.target_budget < 1:
             raise ValueError(f"MaskingConfig: budgets must be >= 1, got {self.input_budget}, {self.target_budget}")
+        for side, budget in (("input", self.input_budget), ("target", self.target_budget)):
+            lo, hi = getattr(self, f"min_{side}_tokens"), getattr(self, f"max_{side}_tokens")
+            for name, d in ((f"min_{side}_tokens", lo), (f"max_{side}_tokens", hi)):
+                bad = {k: v for k, v in d.items() if int(v) < 0}
+                if bad:
+                    raise ValueError(f"MaskingConfig.{name}: counts must be >= 0, got {bad}")
+            over = {k: (v, hi[k]) for k, v in lo.items() if k in hi and v > hi[k]}
+            if over:
+                raise ValueError(f"MaskingConfig.min_{side}_tokens exceed max_{side}_tokens: {over} (min, max)")
+            if sum(lo.values()) > budget:
+                raise ValueError(f"MaskingConfig.min_{side}_tokens sum to {sum(lo.values())}, "
+                                 f"more than the {side}_budget {budget}")
         for name in ("input_alphas", "target_alphas"):
             alphas = tuple(getattr(self, name))
             if not alphas or any(a <= 0 for a in alphas):
@@ -77,6 +98,14 @@ def _fill(budget: int, weights: np.ndarray, room: np.ndarray, rng: np.random.Gen
     return counts
 
 
+def check_keys(cfg: MaskingConfig, table: ModalityTable) -> None:
+    """Every per-modality min/max in `cfg` names a modality of `table`."""
+    for name in ("max_input_tokens", "max_target_tokens", "min_input_tokens", "min_target_tokens"):
+        unknown = sorted(set(getattr(cfg, name)) - set(table.keys))
+        if unknown:
+            raise ValueError(f"MaskingConfig.{name}: unknown modalities {unknown}; the table has {table.keys}")
+
+
 def check_tokens(tokens: Mapping[str, np.ndarray], table: ModalityTable, where: str = "object") -> dict[str, np.ndarray]:
     """The object's tokens for the modalities in `table` (others are ignored), validated."""
     out = {}
@@ -99,6 +128,7 @@ def check_tokens(tokens: Mapping[str, np.ndarray], table: ModalityTable, where: 
 def sample_masks(tokens: Mapping[str, np.ndarray], table: ModalityTable, cfg: MaskingConfig,
                  rng: np.random.Generator, where: str = "object") -> dict[str, np.ndarray]:
     """One object's tokens -> fixed-size encoder inputs and decoder targets (see module doc)."""
+    check_keys(cfg, table)
     tokens = check_tokens(tokens, table, where)
     keys = [k for k in table.keys if k in tokens]   # table order
     n_total = sum(table[k].n_tokens for k in keys)
@@ -108,19 +138,23 @@ def sample_masks(tokens: Mapping[str, np.ndarray], table: ModalityTable, cfg: Ma
     n = np.array([table[k].n_tokens for k in keys])
     in_cap = np.array([min(table[k].n_tokens, cfg.max_input_tokens.get(k, table[k].n_tokens)) for k in keys])
     tgt_cap = np.array([cfg.max_target_tokens.get(k, table[k].n_tokens) for k in keys])
+    in_min = np.minimum([cfg.min_input_tokens.get(k, 0) for k in keys], in_cap)
 
-    # inputs: multinomial budget by Dirichlet shares, capped, no redistribution
+    # inputs: the minimums, then a multinomial budget by Dirichlet shares, capped, no redistribution
     p_in = _dirichlet(len(keys), cfg.input_alphas, rng)
-    n_in = np.minimum(rng.multinomial(cfg.input_budget, p_in), in_cap)
+    n_in = np.minimum(in_min + rng.multinomial(cfg.input_budget - in_min.sum(), p_in), in_cap)
     if n_in.sum() == 0:                                   # keep at least one input token
         if not (in_cap > 0).any():
             raise ValueError(f"{where}: max_input_tokens allow no input token for {keys}")
         n_in[rng.choice(np.flatnonzero(in_cap > 0))] = 1
-    # targets: fill the budget from what is left, by Dirichlet shares
+    # targets: the minimums, then fill the budget from what is left, by Dirichlet shares
+    room = np.minimum(n - n_in, tgt_cap)
+    tgt_min = np.minimum([cfg.min_target_tokens.get(k, 0) for k in keys], room)
     p_tgt = _dirichlet(len(keys), cfg.target_alphas, rng)
-    n_tgt = _fill(cfg.target_budget, p_tgt, np.minimum(n - n_in, tgt_cap), rng)
+    n_tgt = tgt_min + _fill(cfg.target_budget - tgt_min.sum(), p_tgt, room - tgt_min, rng)
     if n_tgt.sum() == 0:                                  # inputs took everything: give one back
-        give = np.flatnonzero((n_in > 0) & (tgt_cap > 0))
+        give = np.flatnonzero((n_in > in_min) & (tgt_cap > 0))
+        give = give if len(give) else np.flatnonzero((n_in > 0) & (tgt_cap > 0))
         if not len(give) or n_in.sum() < 2:
             raise ValueError(f"{where}: max_target_tokens/max_input_tokens leave no target token for {keys}")
         j = rng.choice(give)

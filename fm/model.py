@@ -13,6 +13,13 @@ are modality + position embeddings of the tokens to predict; they self-attend on
 within their own modality and cross-attend to the encoder. Each modality has its own
 output head, so its logits range over its own vocabulary only.
 
+Only the selected tokens are computed: a batch carries the ids of its token budgets
+(masking in the data workers gathers them), all-padding columns are trimmed, and only
+the real tokens are embedded and run through the position-wise layers (embeddings,
+norms, projections, MLPs, heads) as packed (T, D) rows; attention alone works on the
+padded (B, N) layout (fm.packing). Nothing scales with the full token count of a
+modality, and budget left unused (padding) costs no compute.
+
 In `encode`/`embed`/`logits`, inputs are `{key: LongTensor (B, n_key)}` with -1 where a
 token is not given (a partly known modality); a modality absent from the dict is not
 given at all. Given tokens are packed to the front of each row and unused columns are
@@ -36,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import from_dict, to_dict
 from .attention import BACKENDS, get_attention
 from .modality import ModalityTable
+from .packing import Layout, trim
 
 
 @dataclass
@@ -81,7 +89,9 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention: self-attention, or cross-attention when given a context."""
+    """Multi-head attention over packed rows: self-attention, or cross-attention when
+    given a context. Projections run on the real tokens only (T, D); the attention
+    itself runs on the padded (B, N) layout."""
 
     def __init__(self, cfg: FMConfig):
         super().__init__()
@@ -95,17 +105,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, context=None):
-        context = x if context is None else context
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)                    # (B, H, Nq, d)
-        k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)  # (B, H, Nk, d)
-        out = self.attend(self.q_norm(q), self.k_norm(k), v, mask)                        # (B, H, Nq, d)
-        out = rearrange(out, "b h n d -> b n (h d)")                                       # (B, Nq, D)
+    def forward(self, x: torch.Tensor, layout: Layout, mask: torch.Tensor | None,
+                context: torch.Tensor | None = None, context_layout: Layout | None = None):
+        """x (T, D) rows of `layout`; context (Tk, D) rows of `context_layout` (default:
+        x itself); mask broadcastable to (B, H, Nq, Nk), True = may attend -> (T, D)."""
+        if context is None:
+            context, context_layout = x, layout
+        q = rearrange(layout.unpack(self.q(x)), "b n (h d) -> b h n d", h=self.heads)          # (B, H, Nq, d)
+        k, v = rearrange(context_layout.unpack(self.kv(context)), "b n (two h d) -> two b h n d",
+                         two=2, h=self.heads)                                                 # (B, H, Nk, d)
+        out = self.attend(self.q_norm(q), self.k_norm(k), v, mask)                           # (B, H, Nq, d)
+        out = layout.pack(rearrange(out, "b h n d -> b n (h d)"))                             # (T, D)
         return self.drop(self.proj(out))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; with `cross=True` a cross-attention sits between."""
+    """Pre-norm transformer block over packed rows; with `cross=True` a cross-attention
+    to the encoder output sits between self-attention and MLP."""
 
     def __init__(self, cfg: FMConfig, cross: bool = False):
         super().__init__()
@@ -116,10 +132,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, context=None, context_mask=None):
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x, layout, mask, context=None, context_layout=None, context_mask=None):
+        x = x + self.attn(self.norm1(x), layout, mask)
         if self.cross is not None:
-            x = x + self.cross(self.norm_cross(x), context_mask, context)
+            x = x + self.cross(self.norm_cross(x), layout, context_mask, context, context_layout)
         return x + self.mlp(self.norm2(x))
 
 
@@ -161,12 +177,12 @@ class FourM(nn.Module):
 
     # -- the network ---------------------------------------------------------------------
     def _embed_tokens(self, ids, mod, pos):
-        """Gathered (budgeted) tokens -> (B, N, D): token + modality + position embeddings."""
+        """Gathered (budgeted) real tokens (T,) -> (T, D): token + modality + position."""
         return (self.tok_emb(ids + self.vocab_offsets[mod]) + self.mod_emb(mod)
                 + self.pos_emb(pos + self.position_offsets[mod]))
 
     def _queries(self, mod, pos):
-        """Decoder queries (B, M, D): modality + position embeddings of the targets."""
+        """Decoder queries (T,) -> (T, D): modality + position embeddings of the targets."""
         return self.mod_emb(mod) + self.pos_emb(pos + self.position_offsets[mod])
 
     def _block(self, block, *args):
@@ -174,43 +190,57 @@ class FourM(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _encode(self, ids, mod, pos, pad):
-        """(B, N) ids/mod/pos/pad -> normalised encoder output (B, N, D)."""
-        x = self.drop(self._embed_tokens(ids, mod, pos))
-        mask = rearrange(~pad, "b n -> b 1 1 n")                            # (B, 1, 1, N) keys
-        for block in self.encoder:
-            x = self._block(block, x, mask)
-        return self.enc_norm(x)
+    @staticmethod
+    def _key_mask(pad):
+        """pad (B, N) -> (B, 1, 1, N) keys that may be attended to, or None without padding."""
+        return rearrange(~pad, "b n -> b 1 1 n") if bool(pad.any()) else None
 
-    def _decode(self, context, enc_pad, mod, pos, pad):
-        """Decoder over targets (B, M) mod/pos/pad, cross-attending to context -> (B, M, D)."""
-        y = self.drop(self._queries(mod, pos))
-        same = rearrange(mod, "b m -> b m 1") == rearrange(mod, "b m -> b 1 m")  # (B, M, M)
+    def _encode(self, ids, mod, pos, pad):
+        """(B, N) ids/mod/pos/pad -> (normalised encoder output (T, D) of the T real
+        tokens, their Layout). Only the real tokens are embedded and computed."""
+        layout = Layout(pad)
+        x = self.drop(self._embed_tokens(*(layout.pack(t) for t in (ids, mod, pos))))   # (T, D)
+        mask = self._key_mask(pad)
+        for block in self.encoder:
+            x = self._block(block, x, layout, mask)
+        return self.enc_norm(x), layout
+
+    def _decode(self, context, enc_layout, mod, pos, pad):
+        """Decoder over targets (B, M) mod/pos/pad, cross-attending to the packed encoder
+        output -> ((T, D) of the real targets, their Layout)."""
+        layout = Layout(pad)
+        y = self.drop(self._queries(layout.pack(mod), layout.pack(pos)))                  # (T, D)
+        same = rearrange(mod, "b m -> b m 1") == rearrange(mod, "b m -> b 1 m")           # (B, M, M)
         self_mask = rearrange(same & rearrange(~pad, "b m -> b 1 m"), "b q k -> b 1 q k")
-        cross_mask = rearrange(~enc_pad, "b n -> b 1 1 n")                  # (B, 1, 1, N)
+        cross_mask = self._key_mask(enc_layout.pad)                                       # (B, 1, 1, N)
         for block in self.decoder:
-            y = self._block(block, y, self_mask, context, cross_mask)
-        return self.dec_norm(y)
+            y = self._block(block, y, layout, self_mask, context, enc_layout, cross_mask)
+        return self.dec_norm(y), layout
 
     # -- training ------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, torch.Tensor]):
         """batch (from fm.data.collate): enc_ids/enc_mod/enc_pos/enc_pad (B, Nin),
         dec_mod/dec_pos/dec_targets/dec_pad (B, Ndec). Returns (loss, {key: loss}), where
-        loss is the mean over the modalities present of their mean cross-entropy."""
-        context = self._encode(batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_pad"])
-        h = self._decode(context, batch["enc_pad"], batch["dec_mod"], batch["dec_pos"], batch["dec_pad"])
-        valid = ~batch["dec_pad"]
-        counts = torch.bincount(batch["dec_mod"][valid], minlength=len(self.table)).tolist()
+        loss is the mean over the modalities present of their mean cross-entropy.
+        Padding costs nothing: all-padding columns are trimmed and only the real tokens
+        are embedded and run through the position-wise layers (fm.packing)."""
+        enc_pad, *enc = trim(batch["enc_pad"], batch["enc_ids"], batch["enc_mod"], batch["enc_pos"])
+        dec_pad, dec_mod, dec_pos, dec_targets = trim(batch["dec_pad"], batch["dec_mod"], batch["dec_pos"],
+                                                      batch["dec_targets"])
+        context, enc_layout = self._encode(*enc, enc_pad)
+        h, layout = self._decode(context, enc_layout, dec_mod, dec_pos, dec_pad)        # (T, D)
+        if not layout.tokens:
+            raise ValueError("batch has no target tokens (every dec_pad is True)")
+        mod, targets = layout.pack(dec_mod), layout.pack(dec_targets)                     # (T,)
+        order = torch.argsort(mod, stable=True)                                           # grouped by modality
+        counts = torch.bincount(mod, minlength=len(self.table)).tolist()
         losses, unused = {}, h.new_zeros(())
-        for m, spec in enumerate(self.table):
-            sel = valid & (batch["dec_mod"] == m)                           # (B, Ndec)
-            logits = self.heads[m](h[sel])                                  # (K, V_m)
+        for m, (spec, hm, tm) in enumerate(zip(self.table, h[order].split(counts), targets[order].split(counts))):
+            logits = self.heads[m](hm)                                                    # (T_m, V_m)
             if counts[m]:
-                losses[spec.key] = F.cross_entropy(logits.float(), batch["dec_targets"][sel])
+                losses[spec.key] = F.cross_entropy(logits.float(), tm)
             else:  # keep every head in the graph (DDP / ZeRO expect a gradient for each)
                 unused = unused + 0.0 * logits.sum()
-        if not losses:
-            raise ValueError("batch has no target tokens (every dec_pad is True)")
         loss = torch.stack(list(losses.values())).mean() + unused
         return loss, losses
 
@@ -250,7 +280,8 @@ class FourM(nn.Module):
     def encode(self, inputs: Mapping[str, torch.Tensor]):
         """-> (emb (B, N, D) encoder output, pad (B, N) True where nothing was given)."""
         ids, mod, pos, pad = self._pack_inputs(inputs)
-        return self._encode(ids, mod, pos, pad), pad
+        emb, layout = self._encode(ids, mod, pos, pad)
+        return layout.unpack(emb), pad
 
     def embed(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean of the encoder output over the given tokens: (B, D); zeros where none given."""
@@ -276,9 +307,10 @@ class FourM(nn.Module):
             mods.append(torch.full_like(p, self.table.index(key)))
             sizes.append(p.shape[1])
         ids, emod, epos, epad = self._pack_inputs(inputs, batch)
-        context = self._encode(ids, emod, epos, epad)
+        context, enc_layout = self._encode(ids, emod, epos, epad)
         mod, pos = torch.cat(mods, 1), torch.cat(poss, 1)                  # (B, M)
-        h = self._decode(context, epad, mod, pos, torch.zeros_like(mod, dtype=torch.bool))
+        h, layout = self._decode(context, enc_layout, mod, pos, torch.zeros_like(mod, dtype=torch.bool))
+        h = layout.unpack(h)                                                # (B, M, D)
         out = {}
         for key, hk in zip(targets, h.split(sizes, dim=1)):                 # (B, m, D) each
             out[key] = self.heads[self.table.index(key)](hk)                # (B, m, V_key)

@@ -8,11 +8,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from omnisky.fm.attention import get_attention
 from omnisky.fm.data import MaskedTokenStream, collate, fixed_batches, make_loader
 from omnisky.fm.masking import MaskingConfig, sample_masks
 from omnisky.fm.modality import ModalitySpec, ModalityTable
+from omnisky.config import from_dict
 from omnisky.fm.model import FMConfig, FourM
 from omnisky.shards.codec import encode_tokens
 from omnisky.shards.writer import ShardWriter, read_manifest, shard_urls
@@ -110,6 +112,45 @@ def test_masking_invariants():
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_masking_min_tokens_and_dirichlet_alphas():
+    table, rng = tiny_table(), np.random.default_rng(1)
+    mins_in, mins_tgt, max_in = {"scalar.z": 1, "spectrum.s": 4}, {"image.b": 3, "scalar.z": 1}, {"image.a": 5}
+    cfg = MaskingConfig(input_budget=20, target_budget=14, input_alphas=(0.05,), target_alphas=(0.05,),
+                        min_input_tokens=mins_in, min_target_tokens=mins_tgt, max_input_tokens=max_in)
+    for trial in range(300):
+        have = [k for k in TINY if rng.random() < 0.6] or ["image.a", "scalar.z"]
+        have = have if have != ["scalar.z"] else ["scalar.z", "image.b"]
+        m = sample_masks({k: structured_tokens(trial % 16)[k] for k in have}, table, cfg, rng)
+        n_enc = {k: int(((m["enc_mod"] == table.index(k)) & ~m["enc_pad"]).sum()) for k in TINY}
+        n_dec = {k: int(((m["dec_mod"] == table.index(k)) & ~m["dec_pad"]).sum()) for k in TINY}
+        for k in TINY:
+            if k not in have:
+                assert n_enc[k] == n_dec[k] == 0                          # only what the object has
+                continue
+            assert n_enc[k] <= max_in.get(k, TINY[k][1])
+            if (~m["dec_pad"]).sum() > 1:      # (a lone target may have been given back by an input)
+                assert n_enc[k] >= min(mins_in.get(k, 0), TINY[k][1])
+            assert n_dec[k] >= min(mins_tgt.get(k, 0), TINY[k][1] - n_enc[k])   # as far as tokens are left
+    # a small alpha puts most of the input budget on one modality, a large one spreads it
+    shares = {}
+    for alpha in (0.05, 50.0):
+        c = MaskingConfig(input_budget=8, target_budget=8, input_alphas=(alpha,))
+        top = []
+        for z in range(200):
+            enc = sample_masks({k: structured_tokens(z % 16)[k] for k in ("image.a", "image.b", "spectrum.s")},
+                               table, c, rng)
+            counts = np.bincount(enc["enc_mod"][~enc["enc_pad"]], minlength=len(table))
+            top.append(counts.max() / counts.sum())
+        shares[alpha] = float(np.mean(top))
+    assert shares[0.05] > 0.9 and shares[50.0] < 0.6, shares
+    with pytest.raises(ValueError, match="min_input_tokens sum to 30, more than the input_budget 20"):
+        MaskingConfig(20, 14, min_input_tokens={"image.a": 15, "image.b": 15})
+    with pytest.raises(ValueError, match="min_target_tokens exceed max_target_tokens"):
+        MaskingConfig(20, 14, min_target_tokens={"image.a": 6}, max_target_tokens={"image.a": 5})
+    with pytest.raises(ValueError, match=r"min_input_tokens: unknown modalities \['image.zzz'\]"):
+        sample_masks(structured_tokens(0), table, MaskingConfig(20, 14, min_input_tokens={"image.zzz": 1}), rng)
+
+
 def test_masking_rejects_bad_objects():
     table, rng, cfg = tiny_table(), np.random.default_rng(0), MaskingConfig(8, 8)
     with pytest.raises(ValueError, match=r"obj42: needs at least 2 tokens.*scalar.z"):
@@ -139,24 +180,53 @@ def test_stream_skips_tiny_objects_and_collates(tmp_path):
 
 
 # -- attention backends -----------------------------------------------------------------
-def test_attention_backends_agree_and_fully_masked_rows_are_zero():
+def attention_cases(device="cpu"):
+    """(name, q, k, v, mask) with the masks the model makes: random with a query row and a
+    whole object that may attend to nothing; key padding with an object of no inputs; the
+    decoder's within-modality mask with padding queries."""
     g = torch.Generator().manual_seed(0)
     B, H, Nq, Nk, D = 3, 2, 7, 9, 8
-    q, k, v = (torch.randn(B, H, n, D, generator=g, requires_grad=True) for n in (Nq, Nk, Nk))
-    mask = torch.rand(B, 1, Nq, Nk, generator=g) > 0.4
-    mask[0, :, 2] = False            # one query row that may attend to nothing
-    mask[1] = False                  # an object with no keys at all
-    outs = {}
-    for name in ("reference", "sdpa"):
-        out = get_attention(name)(q, k, v, mask)
-        assert out.shape == (B, H, Nq, D) and torch.isfinite(out).all()
-        assert (out[0, :, 2] == 0).all() and (out[1] == 0).all()
-        (grad,) = torch.autograd.grad(out.square().sum(), q)
-        assert torch.isfinite(grad).all()
-        outs[name] = out
-    torch.testing.assert_close(outs["sdpa"], outs["reference"], atol=1e-5, rtol=1e-5)
-    full = get_attention("sdpa")(q, k, v, None)
-    torch.testing.assert_close(full, get_attention("reference")(q, k, v, None), atol=1e-5, rtol=1e-5)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (Nq, Nk, Nk))
+    rand = torch.rand(B, 1, Nq, Nk, generator=g) > 0.4
+    rand[0, :, 2] = False            # one query row that may attend to nothing
+    rand[1] = False                  # an object with no keys at all
+    pad = torch.zeros(B, Nk, dtype=torch.bool)
+    pad[0, 6:] = True
+    pad[2] = True                    # an object with no input tokens
+    keys = ~pad[:, None, None, :]                                           # (B, 1, 1, Nk)
+    mod = torch.tensor([[0, 0, 1, 1, 1, 2, 0], [1, 1, 1, 1, 2, 2, 2], [0, 2, 2, 2, 2, 2, 2]])
+    dpad = torch.zeros(B, Nq, dtype=torch.bool)
+    dpad[0, 5:] = True               # padding queries
+    within = ((mod[:, :, None] == mod[:, None, :]) & ~dpad[:, None, :])[:, None]   # (B, 1, Nq, Nq)
+    qd = torch.randn(B, H, Nq, D, generator=g)
+    cases = [("random", q, k, v, rand), ("key_padding", q, k, v, keys), ("within_modality", qd, qd, qd, within),
+             ("no_mask", q, k, v, None)]
+    return [(name, *(t.to(device) for t in (a, b, c)), None if m is None else m.to(device))
+            for name, a, b, c, m in cases]
+
+
+def attend_with_grads(name, q, k, v, mask):
+    """Output and gradients of q, k, v of backend `name` (grads of a loss that weights
+    every output element differently)."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = get_attention(name)(q, k, v, mask)
+    w = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+    grads = torch.autograd.grad((out * w).sum() + out.square().sum(), (q, k, v))
+    return out.detach(), grads
+
+
+def test_attention_backends_agree_with_padding_and_fully_masked_rows():
+    for case, q, k, v, mask in attention_cases():
+        ref_out, ref_grads = attend_with_grads("reference", q, k, v, mask)
+        out, grads = attend_with_grads("sdpa", q, k, v, mask)
+        assert out.shape == q.shape and torch.isfinite(out).all(), case
+        assert all(torch.isfinite(g).all() for g in grads), case
+        if mask is not None:         # rows that may attend to nothing give zeros, in every backend
+            dead = ~mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).any(-1)   # (B, H, Nq)
+            assert (out[dead] == 0).all() and (ref_out[dead] == 0).all() and (grads[0][dead] == 0).all(), case
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=case)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5, msg=case)
 
 
 def test_xformers_backend():
@@ -168,12 +238,13 @@ def test_xformers_backend():
         with pytest.raises(RuntimeError, match="CUDA tensors only"):
             attend(*(torch.randn(1, 1, 4, 8) for _ in range(3)), None)
         pytest.skip("xformers numerics need a GPU")
-    q, k, v = (torch.randn(2, 4, n, 64, device="cuda") for n in (10, 13, 13))
-    mask = torch.rand(2, 1, 10, 13, device="cuda") > 0.3
-    mask[0, :, 3] = False
-    out = get_attention("xformers")(q, k, v, mask)
-    torch.testing.assert_close(out, get_attention("reference")(q, k, v, mask), atol=2e-3, rtol=2e-3)
-    assert (out[0, :, 3] == 0).all()
+    for case, q, k, v, mask in attention_cases("cuda"):
+        ref_out, ref_grads = attend_with_grads("reference", q, k, v, mask)
+        out, grads = attend_with_grads("xformers", q, k, v, mask)
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads), case
+        torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=2e-3, msg=case)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g, rg, atol=2e-3, rtol=2e-3, msg=case)
 
 
 # -- the model --------------------------------------------------------------------------
@@ -232,6 +303,60 @@ def test_loss_ignores_padding_and_averages_modalities():
         noisy[name][noisy[pad]] = 1      # garbage in the padding slots
     assert batch["enc_pad"].any() or batch["dec_pad"].any()
     torch.testing.assert_close(model(noisy)[0], loss)
+
+
+def masked_batch(table, n_objects=4, budgets=(20, 20), seed=0):
+    rng = np.random.default_rng(seed)
+    return collate([sample_masks(structured_tokens(z), table, MaskingConfig(*budgets), rng) for z in range(n_objects)])
+
+
+def test_model_backends_agree_with_padding_and_an_object_without_inputs():
+    table = tiny_table()
+    batch = masked_batch(table, n_objects=5)
+    batch["enc_pad"][3] = True            # object 3 has no input tokens: its targets see nothing
+    assert batch["enc_pad"][[0, 1, 2, 4]].any()                       # and the others some padding
+    results = {}
+    for backend in ("reference", "sdpa"):
+        model = small_model(table, attention=backend, qk_norm=True, swiglu=True).train()
+        loss, parts = model(batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values()), backend
+        results[backend] = (loss.detach(), grads)
+    torch.testing.assert_close(results["sdpa"][0], results["reference"][0], atol=1e-5, rtol=1e-5)
+    for name, g in results["sdpa"][1].items():
+        torch.testing.assert_close(g, results["reference"][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_only_the_selected_tokens_are_embedded_and_computed():
+    """An AION-shaped object has 854 tokens; a step embeds and runs the position-wise
+    layers on the budgeted real tokens only (no padding, nothing per modality token)."""
+    big = {"image.x": (4375, 576), "spectrum.y": (1024, 273), "scalar.z": (1024, 1)}
+    table = ModalityTable.from_dict({k: {"vocab_size": v, "n_tokens": n} for k, (v, n) in big.items()})
+    rng = np.random.default_rng(0)
+    objs = [{k: rng.integers(0, v, n) for k, (v, n) in big.items()} for _ in range(3)]
+    batch = collate([sample_masks(o, table, MaskingConfig(64, 32), rng) for o in objs])
+    n_in, n_tgt = int((~batch["enc_pad"]).sum()), int((~batch["dec_pad"]).sum())
+    assert n_in < 3 * 64 and batch["enc_pad"].any()          # the scalar's unused share is padding
+    model = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table)
+    rows = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: rows.setdefault(name, []).append(
+        args[0].shape)) for name, m in (("tok_emb", model.tok_emb), ("enc_mlp", model.encoder[0].mlp),
+                                        ("dec_mlp", model.decoder[0].mlp), ("cross_kv", model.decoder[0].cross.kv))]
+    model(batch)[0].backward()
+    assert rows["tok_emb"] == [(n_in,)]
+    assert rows["enc_mlp"] == [(n_in, 32)] and rows["cross_kv"] == [(n_in, 32)]
+    assert rows["dec_mlp"] == [(n_tgt, 32)]
+    # inference: a partly known image is embedded as its known tokens only
+    rows.clear()
+    image = torch.from_numpy(np.stack([o["image.x"] for o in objs]))
+    image[:, 10:] = -1
+    image[2, 3:] = -1
+    with torch.no_grad():
+        model.logits({"image.x": image, "spectrum.y": torch.full((3, 273), -1)}, {"scalar.z": torch.zeros(3, 1).long()})
+    assert rows["tok_emb"] == [(23,)] and rows["enc_mlp"] == [(23, 32)] and rows["dec_mlp"] == [(3, 32)]
+    for h in hooks:
+        h.remove()
 
 
 def test_logits_contract_with_partial_inputs():
@@ -296,3 +421,43 @@ def test_activation_checkpointing_same_gradients():
         model(batch)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# -- sizes ------------------------------------------------------------------------------
+AION_SHAPED = {"image.hsc": (4375, 576), "spectrum.desi": (1024, 273),
+               **{f"scalar.{n}": (1024, 1) for n in ("flux_g", "flux_r", "flux_i", "flux_z", "redshift")}}
+SIZES = {"tiny": (128, 2, 2), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 24),
+         "xl": (2048, 24, 24)}
+LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "fm"
+
+
+def expected_params(cfg: FMConfig, table: ModalityTable) -> int:
+    """Parameter count from the shapes alone (weights; biases and norm shifts if cfg.bias)."""
+    D, b = cfg.dim, int(cfg.bias)
+    hidden = int(cfg.mlp_ratio * D)
+    if cfg.swiglu:
+        hidden = (int(2 * hidden / 3) + 7) // 8 * 8
+    norm = D * (1 + b)
+    attention = 4 * D * D + 4 * D * b + (2 * (D // cfg.heads) if cfg.qk_norm else 0)
+    mlp = D * hidden * (2 if cfg.swiglu else 1) + hidden * D + b * (hidden * (2 if cfg.swiglu else 1) + D)
+    encoder_block = 2 * norm + attention + mlp
+    decoder_block = encoder_block + norm + attention
+    embeddings = (table.total_vocab + len(table) + table.total_positions) * D
+    heads = table.total_vocab * (D + b)
+    return (embeddings + cfg.enc_depth * encoder_block + cfg.dec_depth * decoder_block
+            + 2 * norm + heads)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_size_configs_build(size):
+    """Each launch/fm size builds (on the meta device: no memory) with the sizes the issue
+    names, and its parameter count is what the shapes say."""
+    raw = yaml.safe_load((LAUNCH / f"{size}.yaml").read_text())
+    cfg = from_dict(FMConfig, raw["model"], where=f"{size}.yaml model")
+    masking = from_dict(MaskingConfig, raw["masking"], where=f"{size}.yaml masking")
+    assert (cfg.dim, cfg.enc_depth, cfg.dec_depth) == SIZES[size]
+    assert masking.input_budget >= 128 and masking.target_budget >= 128
+    table = ModalityTable.from_dict({k: {"vocab_size": v, "n_tokens": n} for k, (v, n) in AION_SHAPED.items()})
+    with torch.device("meta"):
+        model = FourM(cfg, table)
+    assert model.num_params() == expected_params(cfg, table)

@@ -221,3 +221,14 @@ def test_shards_stay_readable_by_webdataset(sky_shards):
     import webdataset as wds
     keys = [s["__key__"] for s in wds.WebDataset(shard_urls(sky_shards), shardshuffle=False, empty_check=False)]
     assert keys == [s.object_id for s in stream(shard_urls(sky_shards), split=False)]
+
+
+def test_the_fm_loader_stops_with_an_error_when_no_shard_can_be_read(tmp_path):
+    from omnisky.fm.data import slot_objects
+    (tmp_path / "a.tar").write_bytes(b"garbage")
+    (tmp_path / "b.tar").write_bytes(b"")
+    urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="no shard could be read"):
+            _within(60, lambda: next(slot_objects(urls, table=None, shuffle=0, seed=(0,))))

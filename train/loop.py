@@ -2,7 +2,7 @@
 
     accelerator = make_accelerator()
     lr = cosine_lr(step, base_lr=1e-3, warmup_steps=100, total_steps=10_000)
-    log = CSVLog(out / "log.csv", resume_step=start_step)      # main process only
+    log = CSVLog(out / "log.csv", resume_step=start_step)      # main process only; TensorBoardLog(out / "tb") likewise
     save_checkpoint(accelerator, out, step, extra={...})       # out/checkpoints/step-N
     start_step, extra = load_latest_checkpoint(accelerator, out)
 
@@ -153,3 +153,35 @@ def load_latest_checkpoint(accelerator, out: str | Path) -> tuple[int, dict]:
     accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
     return int(state["step"]), state.get("extra", {})
+
+
+class TensorBoardLog:
+    """The numeric fields of CSVLog rows as TensorBoard scalars under `directory`, when
+    the `tensorboard` package is installed (otherwise a warning, then nothing)."""
+
+    def __init__(self, directory: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            import warnings
+            warnings.warn("tensorboard: true but the tensorboard package is not installed "
+                          "(pip install tensorboard); logging to CSV only")
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(directory))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = int(row["step"])
+        for key, value in row.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue                    # blank cells
+            if key != "step":
+                self.writer.add_scalar(key.replace(".", "/", 1), number, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

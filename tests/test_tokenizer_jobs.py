@@ -58,6 +58,10 @@ def test_scalar_round_trip_and_quantile_uniformity(tmp_path):
     assert [d.object_id for d in decoded[:3]] == ["z0", "z1", "z2"]
     one = tok.decode(ids[:5], like="redshift")
     assert [r.name for r in one] == ["redshift"] * 5
+    value, sigma = tok.value_and_sigma(ids[:5], "redshift")            # (5,), (5,) arrays
+    assert np.array_equal(value, [r.value for r in one]) and np.array_equal(sigma, [r.uncertainty for r in one])
+    with pytest.raises(ValueError, match="'redshift' token ids must lie in \\[0, 32\\)"):
+        tok.value_and_sigma(torch.tensor([32]), "redshift")
 
     tok.save(tmp_path / "scalar")
     again = load_tokenizer(tmp_path / "scalar")
@@ -92,6 +96,10 @@ def test_scalar_reservoir_is_seeded_and_near_uniform():
     assert a.fit(records)["redshift"]["kept"] == 2000
     b.fit(records)
     assert np.array_equal(a.bin_edges("redshift"), b.bin_edges("redshift"))
+    # a name's reservoir depends on its own values only: other names in the stream change nothing
+    c = ScalarTokenizer(ScalarConfig(names=("redshift", "flux_r"), n_bins=20, log_names=(), reservoir=2000, seed=3))
+    c.fit([x for r in records for x in (r, Scalar("flux_r", r.value * 2, 0.1))])
+    assert np.array_equal(a.bin_edges("redshift"), c.bin_edges("redshift"))
     counts = np.bincount(a.encode(records)[:, 0].numpy(), minlength=20)
     # 2000-value reservoir: each bin's share of all 20000 is 1/20 to within a few sigma (~0.5%)
     assert np.all(np.abs(counts / 20000 - 1 / 20) < 0.02), counts
@@ -182,6 +190,25 @@ def test_train_entry_point_writes_everything_and_resumes(tokdir, sky, capsys):
     assert (out / "checkpoints" / "step-5").exists()
     w5 = load_tokenizer(out).state_dict()
     assert any(not torch.equal(w3[k], w5[k]) for k in w3)
+
+
+@pytest.mark.skipif(not HAS_SPECTRUM, reason="no spectrum tokenizer")
+def test_train_spectrum_figures_and_resume_at_the_checkpoint(tokdir, sky, capsys):
+    from omnisky.train.loop import read_csv_log
+    out = tokdir / "spectrum"
+    rows = read_csv_log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2] and float(rows[-1]["eval_chi2"]) > 0
+    assert (out / "figures" / "recon-step-2.png").stat().st_size > 1000
+    tok = load_tokenizer(out)
+    assert tok.wavelength_range == (3500.0, 10500.0) and tok.n_tokens == 65
+    w2 = {k: v.clone() for k, v in tok.state_dict().items()}
+    capsys.readouterr()                          # resuming a finished run: same step, same weights
+    _train("--config", ROOT / "launch/tokenizers/spectrum-tiny.yaml", "--data", sky, "--out", out,
+           "--set", *TINY_SPECTRUM, "--resume")
+    assert "resumed at step 2" in capsys.readouterr().out
+    assert [int(r["step"]) for r in read_csv_log(out / "log.csv")] == [1, 2]
+    again = load_tokenizer(out).state_dict()
+    assert all(torch.equal(w2[k], again[k]) for k in w2)
 
 
 def test_train_scalar_fits_bins_from_shards(tokdir, sky):

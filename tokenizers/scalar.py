@@ -5,12 +5,15 @@
     tok.fit(records)                           # iterable of shards.schema.Scalar
     ids = tok.encode([Scalar("redshift", 0.31)])               # (1, 1)
     [z] = tok.decode(ids, like="redshift")     # Scalar: value = bin centre, uncertainty = spread
+    value, sigma = tok.value_and_sigma(ids, "redshift")        # (B,) float64 arrays each
     tok.bin_edges("redshift"), tok.bin_centres("redshift")     # (n_bins + 1,), (n_bins,)
 
 Every name gets exactly `n_bins` bins, so all scalars share one vocabulary and the FM
-sees a fixed table. Edges are quantiles of the training values per name, taken from a
-seeded reservoir sample of at most `reservoir` values (exact when fewer were seen), so
-each bin holds about the same number of training objects. A name seen with fewer than
+sees a fixed table. Edges are quantiles of the training values per name: exact when at
+most `reservoir` values of that name were seen (every value is kept), otherwise taken
+from a uniform reservoir sample of `reservoir` values (Vitter's algorithm R, one pass,
+seeded per name from `seed` and the name, so a name's bins depend only on its own
+values and their order), so each bin holds about the same number of training objects. A name seen with fewer than
 `n_bins` distinct values is refused with an error (the fix is a smaller `n_bins` or more
 data); heavy ties can still leave some bins empty, which is reported, not hidden.
 
@@ -25,6 +28,7 @@ buffers, so they travel in model.safetensors.
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -115,8 +119,9 @@ class ScalarTokenizer(Tokenizer):
         Returns a report {name: {'n': seen, 'kept': reservoir size, 'empty_bins': k}}.
         Raises ValueError if a name has no values or fewer than n_bins distinct ones."""
         V = self.config.n_bins
-        rng = np.random.default_rng(self.config.seed)
-        pools = {n: Reservoir(self.config.reservoir, rng) for n in self.names}
+        pools = {n: Reservoir(self.config.reservoir,
+                              np.random.default_rng([self.config.seed, zlib.crc32(n.encode())]))
+                 for n in self.names}
         n_bad = 0
         for rec in records:
             if not isinstance(rec, Scalar):
@@ -218,6 +223,17 @@ class ScalarTokenizer(Tokenizer):
             bins = self._bin(self.edges_t[i].numpy(), self._forward(i, x))
             ids[bs, 0] = torch.from_numpy(bins.astype(np.int64))
         return ids
+
+    def value_and_sigma(self, tokens, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (B,) or (B, 1) of scalar `name` -> (value, sigma), each (B,) float64 in
+        the scalar's units: the bin centre (median training value in the bin) and the
+        within-bin spread (standard deviation of the training values in the bin)."""
+        i = self._name_index(name)
+        t = torch.as_tensor(tokens).long().reshape(-1)                             # (B,)
+        if t.numel() and (t.min() < 0 or t.max() >= self.vocab_size):
+            raise ValueError(f"ScalarTokenizer.value_and_sigma: {name!r} token ids must lie in "
+                             f"[0, {self.vocab_size}), got min {int(t.min())} max {int(t.max())}")
+        return self.centres[i, t].numpy().copy(), self.spreads[i, t].numpy().copy()
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, like) -> list[Scalar]:

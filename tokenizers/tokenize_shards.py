@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..shards.codec import encode_tokens
-from ..shards.reader import stream
+from ..shards.reader import StreamStats, stream
 from ..shards.schema import RecordError, modality_kind
 from ..shards.writer import ShardWriter, read_manifest, shard_urls
 from .base import Tokenizer, load_tokenizer
@@ -99,7 +99,8 @@ def _encode_modality(tok: Tokenizer, key: str, samples: list, batch_size: int,
 
 def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: int) -> dict:
     """Encode one raw shard into out_dir/<prefix>-<index>.tar; returns its entry and counts."""
-    samples = list(stream([url], decode="raw", shuffle=0, split=False))
+    stats = StreamStats()                     # a corrupt shard or sample: skipped, warned, counted
+    samples = list(stream([url], decode="raw", shuffle=0, split=False, stats=stats))
     keys = sorted({k for s in samples for k in s.records})
     failed: dict[str, str] = {}
     encoded, skipped = {}, Counter()
@@ -131,7 +132,7 @@ def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: 
         entries.append(entry)
     shutil.rmtree(tmp)
     return dict(url=url, shards=entries, n_in=len(samples), counts=dict(counts),
-                skipped_no_tokenizer=dict(skipped), failed=failed, no_tokens=n_empty)
+                skipped_no_tokenizer=dict(skipped), failed=failed, no_tokens=n_empty, read=stats)
 
 
 def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int = 1,
@@ -158,8 +159,9 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
                                  initializer=_init_worker, initargs=(str(tokdir),)) as pool:
             results = list(pool.map(tokenize_shard, *zip(*args)))
     tokenizers = load_tokenizers(tokdir)
-    counts, skipped, failed = Counter(), Counter(), {}
+    counts, skipped, failed, read = Counter(), Counter(), {}, StreamStats()
     for r in results:
+        read.merge(r["read"])
         counts.update(r["counts"])
         skipped.update(r["skipped_no_tokenizer"])
         failed.update(r["failed"])
@@ -173,7 +175,9 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
     writer.summary = dict(objects_in=sum(r["n_in"] for r in results),
                           skipped_no_tokenizer=dict(sorted(skipped.items())),
                           failed=len(failed), failed_objects=dict(sorted(failed.items())[:100]),
-                          no_tokens=sum(r["no_tokens"] for r in results))
+                          no_tokens=sum(r["no_tokens"] for r in results),
+                          corrupt_shards=read.summary()["corrupt_shards"],
+                          corrupt_samples=read.n_corrupt_samples)
     return writer.close(extra=dict(
         modalities=modalities, counts=dict(sorted(counts.items())), raw=str(raw.resolve()),
         tokenizers={k: str((tokdir / k).resolve()) for k in sorted(tokenizers)}))
@@ -193,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"omnisky-tokenize: {m['total']} objects in {len(m['shards'])} shard(s) -> {a.out} "
           f"in {time.time() - t0:.1f}s; tokens per modality {m['counts']}; "
           f"skipped (no tokenizer) {s['skipped_no_tokenizer']}; failed {s['failed']}; "
-          f"no tokens {s['no_tokens']}", file=sys.stderr)
+          f"no tokens {s['no_tokens']}; corrupt raw shards skipped {len(s['corrupt_shards'])} "
+          f"{sorted(Path(u).name for u in s['corrupt_shards'])}, corrupt samples {s['corrupt_samples']}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

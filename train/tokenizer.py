@@ -3,14 +3,19 @@
     accelerate launch -m omnisky.train.tokenizer --config launch/tokenizers/image-tiny.yaml \\
         --data demo_out/raw --out demo_out/tokenizers/image [--set steps=50 lr=3e-4] [--resume]
     python -m omnisky.train.tokenizer ...          # one process, same thing
+    accelerate launch --config_file launch/accelerate/ddp-cpu.yaml -m omnisky.train.tokenizer ...  # 2 CPU procs
 
 kind image|spectrum: gradient training of `tok.training_loss(records)` with AdamW,
 warmup + cosine LR and gradient clipping, on an endless resampled stream (steps are
 counted, not epochs); every rank and data worker draws its own seeded stream. OUT gets
-log.csv (step, loss, metrics, lr, samples/s; eval rows add eval_*), figures/recon-step-N.png
-(input vs decoded for `eval_n` held objects per modality, which the training stream
-skips), checkpoints/step-N (accelerate state + trainer_state.json; `--resume` continues
-from the newest), and finally the tokenizer itself: OUT/config.json + OUT/model.safetensors.
+log.csv (step, loss, metrics, lr, samples/s; eval rows add eval_* and eval_chi2, the median
+reduced chi-square of the held objects' round trips), figures/recon-step-N.png (for
+`eval_n` held objects per modality, which the training stream skips: images as input /
+decoded / residual rows with a column per band, spectra overplotted with the residual in
+sigma below), checkpoints/step-N (accelerate state + trainer_state.json; `--resume`
+continues from the newest, at its step: the LR schedule resumes there and the data
+stream is reseeded with the step), and finally the tokenizer itself: OUT/config.json +
+OUT/model.safetensors. A tqdm bar runs on the main process only.
 
 kind scalar: no gradient; the main process fits the quantile bins on one finite pass over
 the shards and saves them (plus fit_report.json and figures/bins.png).
@@ -142,41 +147,63 @@ def _stretch(x: np.ndarray, scale: float) -> np.ndarray:
     return np.arcsinh(x / scale)
 
 
+def _sigma(ivar: np.ndarray) -> float:
+    """Median per-pixel sigma of the pixels with data (1 where none)."""
+    return float(np.median(ivar[ivar > 0] ** -0.5)) if (ivar > 0).any() else 1.0
+
+
 def plot_reconstructions(held: dict[str, list], decoded: dict[str, list], path: Path, title: str) -> None:
-    """One row per held record: image (middle band) input | decoded | residual, or spectra overlaid."""
+    """Every held record, input vs decoded. An image takes three rows (input, decoded,
+    (input - decoded) / sigma) with one column per band; a spectrum takes two rows spanning
+    the width (input and decoded overplotted; the residual in units of sigma)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pairs = [(k, a, b) for k in held for a, b in zip(held[k], decoded[k])]
     if not pairs:
         return
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(9, 2.4 * len(pairs)), squeeze=False)
-    for row, (key, rec, rec_hat) in enumerate(pairs):
-        ax = axes[row]
+    n_cols = max([len(a.bands) for _, a, _ in pairs if isinstance(a, Image)] + [1])
+    heights = [h for _, a, _ in pairs for h in ((1, 1, 1) if isinstance(a, Image) else (1.6, 0.8))]
+    fig = plt.figure(figsize=(max(9, 1.9 * n_cols), 1.9 * sum(heights) + 0.6))
+    gs = fig.add_gridspec(len(heights), n_cols, height_ratios=heights)
+    row = 0
+    for key, rec, rec_hat in pairs:
         if isinstance(rec, Image):
-            c = rec.flux.shape[0] // 2
-            x, x_hat = rec.flux[c], rec_hat.flux[c]                                 # (H, W)
-            sigma = float(np.median(1 / np.sqrt(rec.ivar[c][rec.ivar[c] > 0]))) if (rec.ivar[c] > 0).any() else 1.0
-            lo, hi = np.percentile(_stretch(x, sigma), [1, 99.5])
-            for a, img, name in ((ax[0], x, "input"), (ax[1], x_hat, "decoded")):
-                a.imshow(_stretch(img, sigma), vmin=lo, vmax=hi, origin="lower", cmap="gray")
-                a.set_title(f"{key} {rec.object_id} {rec.bands[c]} {name}", fontsize=7)
-            ax[2].imshow((x - x_hat) / sigma, vmin=-5, vmax=5, origin="lower", cmap="RdBu_r")
-            ax[2].set_title("(input - decoded) / sigma", fontsize=7)
+            for c, band in enumerate(rec.bands):
+                x, x_hat = rec.flux[c], rec_hat.flux[c]                             # (H, W)
+                sigma = _sigma(rec.ivar[c])
+                lo, hi = np.percentile(_stretch(x, sigma), [1, 99.5])
+                resid = np.where(rec.mask[c], 0.0, (x - x_hat) / sigma)
+                for r, (img, name) in enumerate(((x, "input"), (x_hat, "decoded"))):
+                    a = fig.add_subplot(gs[row + r, c])
+                    a.imshow(_stretch(img, sigma), vmin=lo, vmax=hi, origin="lower", cmap="gray")
+                    a.set_title(f"{key} {rec.object_id} {band} {name}", fontsize=6)
+                a = fig.add_subplot(gs[row + 2, c])
+                a.imshow(resid, vmin=-5, vmax=5, origin="lower", cmap="RdBu_r")
+                a.set_title(f"{band} (input - decoded) / sigma, rms {np.sqrt(np.mean(resid ** 2)):.2f}", fontsize=6)
+            row += 3
         elif isinstance(rec, Spectrum):
-            gs = ax[0].get_gridspec()
-            for a in ax:
-                a.remove()
+            ok = ~rec.mask & (rec.ivar > 0) & ~rec_hat.mask
             a = fig.add_subplot(gs[row, :])
-            a.plot(rec.wavelength, np.where(rec.mask, np.nan, rec.flux), color="0.6", lw=0.6, label="input")
-            a.plot(rec_hat.wavelength, rec_hat.flux, color="C3", lw=0.8, label="decoded")
+            a.plot(rec.wavelength, np.where(ok, rec.flux, np.nan), color="0.6", lw=0.5, label="input")
+            a.plot(rec_hat.wavelength, np.where(rec_hat.mask, np.nan, rec_hat.flux), color="C3", lw=0.8,
+                   label="decoded")
             a.set_title(f"{key} {rec.object_id}", fontsize=7)
-            a.set_xlabel("wavelength [A]", fontsize=7)
-            a.legend(fontsize=6)
-        for a in fig.axes:
-            a.tick_params(labelsize=6)
+            a.set_ylabel("flux [1e-17 erg/s/cm2/A]", fontsize=6)
+            a.legend(fontsize=6, loc="upper right")
+            resid = np.where(ok, (rec.flux - rec_hat.flux) * np.sqrt(rec.ivar), np.nan)
+            b = fig.add_subplot(gs[row + 1, :], sharex=a)
+            b.plot(rec.wavelength, resid, color="k", lw=0.4)
+            b.axhline(0, color="C3", lw=0.6)
+            b.set_ylim(-5, 5)
+            b.set_ylabel("resid / sigma", fontsize=6)
+            b.set_xlabel("wavelength [A]", fontsize=6)
+            b.set_title(f"reduced chi2 {np.nanmean(resid ** 2):.3f}", fontsize=6)
+            row += 2
+    for a in fig.axes:
+        a.tick_params(labelsize=5)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / fig.get_figheight()))   # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -189,10 +216,14 @@ def evaluate(tok, held: dict[str, list], out: Path, step: int) -> dict[str, floa
     records = [r for rs in held.values() for r in rs]
     loss, metrics = tok.training_loss(records)
     decoded = {k: tok.decode(tok.encode(rs), like=rs) if rs else [] for k, rs in held.items()}
+    chi2 = [float(np.mean(((r.flux - d.flux) ** 2 * r.ivar)[ok])) for rs, ds in zip(held.values(), decoded.values())
+            for r, d in zip(rs, ds) if (ok := ~r.mask & (r.ivar > 0) & ~d.mask).any()]
     plot_reconstructions(held, decoded, out / "figures" / f"recon-step-{step}.png",
-                         f"{type(tok).__name__} step {step}: eval loss {float(loss):.4g}")
+                         f"{type(tok).__name__} step {step}: eval loss {float(loss):.4g}, "
+                         f"median reduced chi2 {np.median(chi2):.3f}")
     tok.train()
-    return {"eval_loss": float(loss), **{f"eval_{k}": v for k, v in _floats(metrics).items()}}
+    return {"eval_loss": float(loss), "eval_chi2": float(np.median(chi2)),
+            **{f"eval_{k}": v for k, v in _floats(metrics).items()}}
 
 
 def fit_scalar(cfg: TokenizerTrainConfig, urls: list[str], out: Path) -> None:

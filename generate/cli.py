@@ -5,12 +5,15 @@ posteriors and embeddings from the command line.
     omnisky-generate superres  --fm ... --data ... --out ...
     omnisky-generate sample    --fm ... --given scalar.redshift scalar.flux_g --target image.hsc
     omnisky-generate predict   --fm ... --given image.des --target scalar.redshift
-    omnisky-generate embed     --fm ... --given image.des
+    omnisky-generate embed     --fm ... --given image.des --neighbours 5 --probe scalar.redshift
+    omnisky-generate sample    --fm ... --given image.des --target spectrum.desi image.hsc   (chained)
     omnisky-generate report    --fm ... --data TEST_RAW --train-data TRAIN_RAW --out demo_out
 
-Every task writes, per object, FITS files of what it generated, a PNG figure (given /
-generated / truth / residual), and OUT/schedule.json (the schedule, as data) and
-OUT/summary.json (per-object figures against the truth where the data have it).
+Generation tasks write, per object and target, FITS (or --format npz) files of each sample,
+a PNG figure (given / generated samples / truth / residual; spectra overplotted), and
+OUT/schedule.json (the schedule, as data) and OUT/summary.json (per-object figures against
+the truth where the data have it). `translate --given image.hsc --target image.des` goes
+the other way; any band set the image tokenizer decodes can be a target.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ import torch
 from ..shards.reader import stream
 from ..shards.schema import modality_kind
 from ..shards.writer import shard_urls
-from .outputs import image_figure, spectrum_figure, write_image_fits, write_spectrum_fits
-from .schedule import TargetSchedule, schedule_to_json
+from .evaluate import reduced_chi2
+from .outputs import image_figure, spectrum_figure, write_image_fits, write_npz, write_spectrum_fits
+from .probe import LinearProbe, similarity_search
+from .schedule import schedule_to_json
 
 TASKS = {  # task -> (given, target) defaults
     "translate": (["image.des"], "image.hsc"),
@@ -51,57 +56,91 @@ def load_samples(data: str, n: int, need: list[str]) -> list:
     return out
 
 
-def reduced_chi2(model: np.ndarray, truth: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> float:
-    good = ~mask & (ivar > 0)
-    return float(np.mean((model[good] - truth[good]) ** 2 * ivar[good]))
+def _write(out: Path, oid: str, k: int, target: str, record, sample, fmt: str) -> None:
+    ra, dec = sample.meta.get("ra", 0.0), sample.meta.get("dec", 0.0)
+    if fmt == "npz":
+        write_npz(out / f"{oid}.{target}.{k}.npz", {target: record}, ra, dec)
+    elif modality_kind(target) == "image":
+        write_image_fits(out / f"{oid}.{target}.{k}.fits", record, ra, dec)
+    elif modality_kind(target) == "spectrum":
+        write_spectrum_fits(out / f"{oid}.{target}.{k}.fits", record)
 
 
-def _write_image(path, image, sample):
-    write_image_fits(path, image, sample.meta.get("ra", 0.0), sample.meta.get("dec", 0.0))
+def schedule_args(args) -> dict:
+    return dict(scheme=args.scheme, steps=args.steps, token_schedule=args.token_schedule,
+                temperature=args.temperature, temperature_end=args.temperature_end,
+                temperature_schedule=args.temperature_schedule, top_k=args.top_k,
+                top_p=args.top_p, guidance=args.guidance)
 
 
-def _write_spectrum(path, spectrum, sample):
-    write_spectrum_fits(path, spectrum)
-
-
-def run_generation(pipe, args, given: list[str], target: str) -> dict:
+def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
+    """Generate every target (chained, in order) for args.n objects; write records, figures,
+    schedule.json and summary.json (with reduced chi-square against the truth where known)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    schedule = dict(scheme=args.scheme, steps=args.steps, temperature=args.temperature,
-                    temperature_schedule=args.temperature_schedule, top_k=args.top_k,
-                    top_p=args.top_p, guidance=args.guidance)
-    samples = load_samples(args.data, args.n, need=given[:1] + [target] if args.need_target else given[:1])
-    draws = pipe.sample(samples, given, target, n_samples=args.samples, seed=args.seed, **schedule)
-    (out / "schedule.json").write_text(json.dumps(schedule_to_json([TargetSchedule(target, **schedule)]), indent=1))
+    schedule = pipe.schedule(targets, **schedule_args(args))
+    need = given[:1] + (targets[-1:] if args.need_target else [])
+    samples = load_samples(args.data, args.n, need=need)
+    chain = pipe.sample_chain(samples, given, schedule, n_samples=args.samples, seed=args.seed)
+    (out / "schedule.json").write_text(json.dumps(schedule_to_json(schedule), indent=1))
     rows = []
-    for s, gen in zip(samples, draws):
+    for s, draws in zip(samples, chain):
         oid = s.object_id
-        truth_rec = s.records.get(target)
-        truth_flux = s.truth.get(target)
         row = dict(object_id=oid)
-        src = s.records.get(given[0])
-        kind = modality_kind(target)
-        if kind in ("image", "spectrum"):
-            write, figure = (_write_image, image_figure) if kind == "image" else (_write_spectrum, spectrum_figure)
+        for target in targets:
+            gen = [d[target] for d in draws]
+            truth_rec, truth_flux = s.records.get(target), s.truth.get(target)
             for k, g in enumerate(gen):
-                write(out / f"{oid}.{target}.{k}.fits", g, s)
-            truth_obs = None
-            if truth_rec is not None and truth_flux is not None:
-                truth_obs = dataclasses.replace(truth_rec, flux=truth_flux, mask=np.zeros_like(truth_rec.mask))
-                row["chi2_vs_truth"] = reduced_chi2(gen[0].flux, truth_flux, truth_rec.ivar, truth_rec.mask)
-            figure(out / f"{oid}.png", src if modality_kind(given[0]) == kind else None, gen, truth_obs,
-                   title=f"{oid}: {', '.join(given)} -> {target}")
-        else:
-            row["values"] = [float(g.value) for g in gen]
-            if truth_rec is not None:
-                row["truth"] = float(truth_rec.value)
+                _write(out, oid, k, target, g, s, args.format)
+            kind = modality_kind(target)
+            if kind in ("image", "spectrum"):
+                truth_obs = None
+                if truth_rec is not None and truth_flux is not None:
+                    truth_obs = dataclasses.replace(truth_rec, flux=truth_flux, mask=np.zeros_like(truth_rec.mask))
+                    row[f"chi2_vs_truth.{target}"] = reduced_chi2(gen[0].flux, truth_flux, truth_rec.ivar, truth_rec.mask)
+                src = next((s.records[g] for g in given if g in s.records and modality_kind(g) == kind), None)
+                figure = image_figure if kind == "image" else spectrum_figure
+                figure(out / f"{oid}.{target}.png", src, gen, truth_obs, title=f"{oid}: {', '.join(given)} -> {target}")
+            else:
+                row[f"values.{target}"] = [float(g.value) for g in gen]
+                if truth_rec is not None:
+                    row[f"truth.{target}"] = float(truth_rec.value)
         rows.append(row)
-    summary = dict(task=args.task, given=given, target=target, n_objects=len(rows), objects=rows)
-    chi = [r["chi2_vs_truth"] for r in rows if "chi2_vs_truth" in r]
-    if chi:
-        summary["median_chi2_vs_truth"] = float(np.median(chi))
+    summary = dict(task=args.task, given=given, targets=targets, n_objects=len(rows), n_samples=args.samples,
+                   objects=rows)
+    for target in targets:
+        chi = [r[f"chi2_vs_truth.{target}"] for r in rows if f"chi2_vs_truth.{target}" in r]
+        if chi:
+            summary[f"median_chi2_vs_truth.{target}"] = float(np.median(chi))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def run_embed(pipe, args, out: Path) -> dict:
+    """Embeddings (npz), optionally a linear probe of a scalar and nearest neighbours."""
+    samples = load_samples(args.data, args.n, need=args.given[:1])
+    emb = pipe.embed(samples, args.given)
+    ids = np.array([s.object_id for s in samples])
+    np.savez(out / "embeddings.npz", embeddings=emb, object_id=ids)
+    result = dict(n=len(samples), dim=int(emb.shape[1]), file=str(out / "embeddings.npz"))
+    if args.neighbours:
+        idx, sim = similarity_search(emb, emb, k=args.neighbours, exclude_self=True)
+        rows = [dict(object_id=str(ids[i]), neighbours=[str(ids[j]) for j in idx[i]],
+                     similarity=[round(float(x), 4) for x in sim[i]]) for i in range(len(ids))]
+        (out / "neighbours.json").write_text(json.dumps(rows, indent=1))
+        result["neighbours"] = str(out / "neighbours.json")
+    if args.probe:
+        key = args.probe
+        have = np.array([key in s.records for s in samples])
+        if have.sum() < 3:
+            raise SystemExit(f"embed --probe {key}: only {int(have.sum())} of the objects have it (need >= 3)")
+        y = np.array([s.records[key].value for s in samples if key in s.records])
+        probe = LinearProbe.fit(emb[have], y)
+        pred = probe.predict(emb)
+        np.savez(out / "probe.npz", object_id=ids, prediction=pred,
+                 truth=np.array([s.records[key].value if key in s.records else np.nan for s in samples]))
+        result["probe"] = dict(target=key, n_labelled=int(have.sum()), alpha=probe.alpha, loo_rmse=probe.loo_rmse)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,19 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         given, target = TASKS[task]
         q.add_argument("--given", nargs="+", default=given)
-        if task != "embed":
+        if task == "embed":
+            q.add_argument("--neighbours", type=int, default=0, help="write the K most similar objects of each")
+            q.add_argument("--probe", default=None, help="fit a linear probe of this scalar (e.g. scalar.redshift)")
+            continue
+        if task == "predict":
             q.add_argument("--target", default=target)
-        if task in ("translate", "superres", "sample"):
-            q.add_argument("--samples", type=int, default=1, help="samples per object")
-            q.add_argument("--scheme", default="maskgit", choices=["maskgit", "roar"])
-            q.add_argument("--steps", type=int, default=8)
-            q.add_argument("--temperature", type=float, default=1.0)
-            q.add_argument("--temperature-schedule", default="constant", choices=["constant", "linear", "annealed"])
-            q.add_argument("--top-k", type=int, default=0)
-            q.add_argument("--top-p", type=float, default=1.0)
-            q.add_argument("--guidance", type=float, default=0.0)
-            q.add_argument("--need-target", action=argparse.BooleanOptionalAction, default=True,
-                           help="only objects that also have the target (to compare with the truth)")
+            continue
+        q.add_argument("--target", nargs="+", default=[target],
+                       help="target modality; several are generated in order, each joining the conditioning")
+        q.add_argument("--samples", type=int, default=1, help="samples per object")
+        q.add_argument("--format", default="fits", choices=["fits", "npz"])
+        q.add_argument("--scheme", default="maskgit", choices=["maskgit", "roar"])
+        q.add_argument("--steps", type=int, default=8)
+        q.add_argument("--token-schedule", default="cosine", choices=["cosine", "linear"])
+        q.add_argument("--temperature", type=float, default=1.0)
+        q.add_argument("--temperature-end", type=float, default=0.1)
+        q.add_argument("--temperature-schedule", default="constant", choices=["constant", "linear", "annealed"])
+        q.add_argument("--top-k", type=int, default=0)
+        q.add_argument("--top-p", type=float, default=1.0)
+        q.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
+        q.add_argument("--need-target", action=argparse.BooleanOptionalAction, default=True,
+                       help="only objects that also have the (last) target (to compare with the truth)")
     return p
 
 
@@ -153,21 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_generation(pipe, args, args.given, args.target)
         print(json.dumps({k: v for k, v in summary.items() if k != "objects"}))
         return 0
+    if args.task == "embed":
+        print(json.dumps(run_embed(pipe, args, out)))
+        return 0
     samples = load_samples(args.data, args.n, need=args.given[:1])
-    if args.task == "predict":
-        post = pipe.predict(samples, args.given, args.target)
-        rows = [dict(object_id=s.object_id, median=float(post["median"][i]), lo68=float(post["lo68"][i]),
-                     hi68=float(post["hi68"][i]),
-                     truth=(float(s.records[args.target].value) if args.target in s.records else None))
-                for i, s in enumerate(samples)]
-        (out / "posteriors.json").write_text(json.dumps(rows, indent=1))
-        np.savez(out / "posteriors.npz", probs=post["probs"], centres=post["centres"],
-                 object_id=np.array([s.object_id for s in samples]))
-        print(json.dumps(rows[:3]))
-    else:  # embed
-        emb = pipe.embed(samples, args.given)
-        np.savez(out / "embeddings.npz", embeddings=emb, object_id=np.array([s.object_id for s in samples]))
-        print(json.dumps(dict(n=len(samples), dim=int(emb.shape[1]), file=str(out / "embeddings.npz"))))
+    post = pipe.predict(samples, args.given, args.target)
+    rows = [dict(object_id=s.object_id, median=float(post["median"][i]), lo68=float(post["lo68"][i]),
+                 hi68=float(post["hi68"][i]),
+                 truth=(float(s.records[args.target].value) if args.target in s.records else None))
+            for i, s in enumerate(samples)]
+    (out / "posteriors.json").write_text(json.dumps(rows, indent=1))
+    np.savez(out / "posteriors.npz", probs=post["probs"], centres=post["centres"],
+             object_id=np.array([s.object_id for s in samples]))
+    print(json.dumps(rows[:3]))
     return 0
 
 

@@ -3,7 +3,9 @@
 Images go to FITS: one primary HDU (C, H, W) with BANDS, SURVEY, PIXSCALE, ZP and a
 tangent-plane WCS centred on the object (CDELT from the pixel scale; CRVAL from the
 object's ra/dec when known), plus an IVAR extension. Spectra go to FITS binary tables
-(WAVELENGTH, FLUX, IVAR, RESOLUTION). Figures show input / generated / truth / residual.
+(WAVELENGTH, FLUX, IVAR, RESOLUTION). `write_npz` puts any records (images, spectra,
+scalars) of one object into one .npz instead, their metadata as arrays beside them.
+Figures show input / generated / truth / residual.
 """
 from __future__ import annotations
 
@@ -60,6 +62,23 @@ def write_spectrum_fits(path: str | Path, spec: Spectrum, extra: dict | None = N
     for k, v in (extra or {}).items():
         hdu.header[k[:8].upper()] = v
     fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path, overwrite=True)
+
+
+def write_npz(path: str | Path, records: dict, ra: float = 0.0, dec: float = 0.0) -> None:
+    """{name: Image | Spectrum | Scalar} -> one .npz; member names are `<name>/<field>`."""
+    arrays = {"ra": np.float64(ra), "dec": np.float64(dec)}
+    for name, rec in records.items():
+        if isinstance(rec, Image):
+            fields = dict(flux=rec.flux, ivar=rec.ivar, mask=rec.mask, bands=np.array(rec.bands),
+                          pixel_scale=rec.pixel_scale, survey=rec.survey, zero_point=rec.zero_point,
+                          psf_fwhm=np.asarray(rec.psf_fwhm))
+        elif isinstance(rec, Spectrum):
+            fields = dict(flux=rec.flux, ivar=rec.ivar, mask=rec.mask, wavelength=rec.wavelength,
+                          instrument=rec.instrument, resolution=np.asarray(rec.resolution))
+        else:  # Scalar
+            fields = dict(value=rec.value, uncertainty=rec.uncertainty, scalar_name=rec.name)
+        arrays.update({f"{name}/{k}": np.asarray(v) for k, v in fields.items()})
+    np.savez_compressed(path, **arrays)
 
 
 def _rgb(image: Image, bands: Sequence[int], scale: float) -> np.ndarray:

@@ -4,8 +4,10 @@
     hsc = sky.translate(samples, source="image.des", target="image.hsc")    # list[list[Image]]
     desi = sky.superres(samples)                                              # SDSS -> DESI
     img = sky.sample(samples, given=["scalar.redshift", "scalar.flux_r"], target="image.hsc")
+    chain = sky.sample_chain(samples, ["image.des"], sky.schedule(["spectrum.desi", "image.hsc"], steps=8))
     post = sky.predict(samples, given=["image.des"], target="scalar.redshift")
     emb = sky.embed(samples, given=["image.des"])                             # (B, D)
+    (probes and similarity search over embeddings: `generate.probe`)
 
 `samples` are `shards.schema.Sample`s (from `shards.reader.stream` or built by hand);
 a given modality an object lacks is simply not given for that object. `like` gives the
@@ -51,6 +53,19 @@ class Pipeline:
             raise KeyError(f"no {kind} tokenizer loaded for modality {key!r}")
         return self.tokenizers[kind]
 
+    def allowed_ids(self, key: str) -> torch.Tensor:
+        """BoolTensor (n_tokens, V): the ids each token position of `key` may take. A
+        tokenizer may say so itself (`allowed_ids()`); a spectrum tokenizer's first token
+        is its flux scale, which has only `config.scale_bins` values."""
+        tok = self.tokenizer(key)
+        if hasattr(tok, "allowed_ids"):
+            return torch.as_tensor(tok.allowed_ids(), dtype=torch.bool)
+        allowed = torch.ones(self.n_tokens[key], self.model.table[key].vocab_size, dtype=torch.bool)
+        scale_bins = getattr(getattr(tok, "config", None), "scale_bins", None)
+        if modality_kind(key) == "spectrum" and scale_bins is not None:
+            allowed[0, scale_bins:] = False
+        return allowed
+
     # -- tokens in ---------------------------------------------------------------------
     @torch.no_grad()
     def tokenize(self, samples: Sequence[Sample], keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -78,24 +93,46 @@ class Pipeline:
         return [like] * len(samples)
 
     # -- generation ----------------------------------------------------------------------
+    def schedule(self, targets: str | Sequence[str], **kw) -> list[TargetSchedule]:
+        """One TargetSchedule per target, walked in order, with the same settings `kw`."""
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        return [TargetSchedule(t, **kw) for t in targets]
+
     @torch.no_grad()
-    def generate_tokens(self, samples: Sequence[Sample], given: Sequence[str], target: str,
-                        n_samples: int = 1, seed: int = 0, **schedule) -> list[torch.Tensor]:
-        """n_samples LongTensors (B, n_target) of target tokens given `given`."""
+    def generate_tokens(self, samples: Sequence[Sample], given: Sequence[str],
+                        schedule: Sequence[TargetSchedule], n_samples: int = 1,
+                        seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        """n_samples token dicts {target: LongTensor (B, n_target)}, one per draw (seed + k),
+        walking `schedule`: each finished target joins the conditioning of the next."""
         inputs = self.tokenize(samples, given)
         if not inputs:
             raise ValueError(f"none of the objects has any of the given modalities {list(given)}")
-        steps = [TargetSchedule(target, **schedule)]
-        return [generate(self.model, inputs, steps, self.n_tokens, seed=seed + k)[target]
-                for k in range(n_samples)]
+        draws = []
+        for k in range(n_samples):
+            out = generate(self.model, inputs, schedule, self.n_tokens, seed=seed + k,
+                           allowed={s.target: self.allowed_ids(s.target) for s in schedule})
+            draws.append({s.target: out[s.target] for s in schedule})
+        return draws
+
+    def sample_chain(self, samples: Sequence[Sample], given: Sequence[str],
+                     schedule: Sequence[TargetSchedule], like: dict | None = None,
+                     n_samples: int = 1, seed: int = 0) -> list[list[dict]]:
+        """Records of every target of `schedule`: a list over objects of `n_samples` dicts
+        {target: record}. `like` maps a target to its templates (see `sample`)."""
+        like = like or {}
+        draws = self.generate_tokens(samples, given, schedule, n_samples, seed)
+        decoded = {}
+        for step in schedule:
+            likes = self._likes(samples, step.target, like.get(step.target))
+            decoded[step.target] = [self.tokenizer(step.target).decode(d[step.target], like=likes) for d in draws]
+        return [[{t: decoded[t][k][i] for t in decoded} for k in range(n_samples)] for i in range(len(samples))]
 
     def sample(self, samples: Sequence[Sample], given: Sequence[str], target: str, like=None,
                n_samples: int = 1, seed: int = 0, **schedule) -> list[list]:
-        """Records of `target` given `given`: a list over objects of `n_samples` records."""
-        likes = self._likes(samples, target, like)
-        draws = self.generate_tokens(samples, given, target, n_samples, seed, **schedule)
-        decoded = [self.tokenizer(target).decode(tokens, like=likes) for tokens in draws]
-        return [[decoded[k][i] for k in range(n_samples)] for i in range(len(samples))]
+        """Records of `target` given `given`: a list over objects of `n_samples` records.
+        `schedule`: TargetSchedule settings (scheme, steps, temperature, guidance, ...)."""
+        chain = self.sample_chain(samples, given, self.schedule(target, **schedule), {target: like}, n_samples, seed)
+        return [[d[target] for d in draws] for draws in chain]
 
     def translate(self, samples, source: str = "image.des", target: str = "image.hsc", **kw):
         """Survey translation: the `target` survey's image from the `source` survey's."""

@@ -55,8 +55,11 @@ def guided_logits(model, inputs: dict, target: str, positions: torch.Tensor,
 
 @torch.no_grad()
 def fill_target(model, inputs: dict, step: TargetSchedule, n_tokens: int,
-                gen: torch.Generator, on_step: Callable | None = None) -> torch.Tensor:
-    """Sample every unknown token of `step.target`; returns LongTensor (B, n_tokens)."""
+                gen: torch.Generator, on_step: Callable | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample every unknown token of `step.target`; returns LongTensor (B, n_tokens).
+    allowed: optional BoolTensor (n_tokens, V), the ids each position may take (e.g. a
+    tokenizer whose first token is a flux scale with fewer bins than the vocabulary)."""
     batch = next(iter(inputs.values())).shape[0] if inputs else None
     device = next(model.parameters()).device
     cur = inputs.get(step.target)
@@ -73,6 +76,8 @@ def fill_target(model, inputs: dict, step: TargetSchedule, n_tokens: int,
             break
         positions = masked.nonzero()[:, 1].view(cur.shape[0], m)       # (B, m)
         logits = guided_logits(model, {**inputs, step.target: cur}, step.target, positions, step.guidance)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(device)[positions], float("-inf"))
         temp = max(step.temperature_at(t), 1e-6)
         logits = filter_logits(logits / temp, step.top_k, step.top_p)  # (B, m, V)
         logp = logits.log_softmax(-1)
@@ -92,8 +97,9 @@ def fill_target(model, inputs: dict, step: TargetSchedule, n_tokens: int,
 
 @torch.no_grad()
 def generate(model, inputs: dict, schedule: Sequence[TargetSchedule], n_tokens: dict[str, int],
-             seed: int = 0) -> dict:
-    """Walk `schedule`; each finished target joins the conditioning. Same seed, same tokens."""
+             seed: int = 0, allowed: dict[str, torch.Tensor] | None = None) -> dict:
+    """Walk `schedule`; each finished target joins the conditioning. Same seed, same tokens.
+    allowed: {target: BoolTensor (n_tokens, V)} ids each position may take (default: all)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out = {k: v.to(device) for k, v in inputs.items()}
@@ -102,7 +108,8 @@ def generate(model, inputs: dict, schedule: Sequence[TargetSchedule], n_tokens: 
     for step in schedule:
         if step.target not in n_tokens:
             raise KeyError(f"target {step.target!r} is not a modality of this model; known: {sorted(n_tokens)}")
-        out[step.target] = fill_target(model, out, step, n_tokens[step.target], gen)
+        out[step.target] = fill_target(model, out, step, n_tokens[step.target], gen,
+                                       allowed=(allowed or {}).get(step.target))
     return out
 
 

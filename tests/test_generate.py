@@ -12,7 +12,7 @@ from astropy.io import fits
 
 from omnisky.fm.modality import ModalityTable
 from omnisky.generate.baselines import interpolate_spectrum, resample_image
-from omnisky.generate.sampler import filter_logits, generate, token_probabilities
+from omnisky.generate.sampler import filter_logits, generate, guided_logits, token_probabilities
 from omnisky.generate.schedule import TargetSchedule, schedule_from_json, schedule_to_json
 from omnisky.generate.templates import template_for
 from omnisky.shards.writer import shard_urls
@@ -89,6 +89,19 @@ def test_sampler_chains_targets_keeps_known_tokens_and_runs_guidance(trained):
         generate(model, {"image.a": _tokens("image.a", zs)}, [TargetSchedule("image.q")], table.n_tokens)
 
 
+def test_sampler_keeps_to_the_allowed_ids(trained):
+    model, table = trained
+    n, vocab = TINY["image.b"][1], TINY["image.b"][0]
+    allowed = torch.ones(n, vocab, dtype=torch.bool)
+    allowed[0, 2:] = False                                           # position 0: ids 0 and 1 only
+    allowed[1, :] = False
+    allowed[1, vocab - 1] = True                                     # position 1: the last id only
+    sched = [TargetSchedule("image.b", steps=3, temperature=5.0)]
+    out = generate(model, {"image.a": _tokens("image.a", range(8))}, sched, table.n_tokens, seed=0,
+                   allowed={"image.b": allowed})["image.b"]
+    assert (out[:, 0] < 2).all() and (out[:, 1] == vocab - 1).all()
+
+
 def test_token_probabilities_are_a_posterior(trained):
     model, table = trained
     probs = token_probabilities(model, {"image.a": _tokens("image.a", [2, 9])}, "scalar.z", 1)
@@ -96,6 +109,34 @@ def test_token_probabilities_are_a_posterior(trained):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 1))
     truth = [int(structured_tokens(z)["scalar.z"][0]) for z in (2, 9)]
     assert probs[:, 0].argmax(-1).tolist() == truth
+
+
+def test_guidance_is_conditional_minus_unconditional_scaled(trained):
+    model, table = trained
+    inputs = {"image.a": _tokens("image.a", [1, 4])}
+    pos = torch.arange(3).expand(2, 3)
+    cond = model.logits(inputs, {"image.b": pos})["image.b"]
+    empty = {"image.b": torch.full((2, TINY["image.b"][1]), -1)}
+    uncond = model.logits(empty, {"image.b": pos})["image.b"]
+    got = guided_logits(model, {**inputs, **empty}, "image.b", pos, guidance=2.0)
+    torch.testing.assert_close(got, cond + 2.0 * (cond - uncond))
+    torch.testing.assert_close(guided_logits(model, {**inputs, **empty}, "image.b", pos, guidance=0.0), cond)
+
+
+@pytest.mark.parametrize("settings", [dict(token_schedule="linear", temperature_schedule="linear"),
+                                      dict(temperature_schedule="annealed", top_p=0.9),
+                                      dict(scheme="roar", top_k=4, guidance=1.0)])
+def test_every_schedule_setting_samples_seeded_batches_of_one_and_many(trained, settings):
+    model, table = trained
+    sched = [TargetSchedule("image.b", steps=4, temperature=1.5, **settings)]
+    for zs in ([3], [0, 1, 2, 3, 4, 5]):
+        inputs = {"image.a": _tokens("image.a", zs)}
+        a = generate(model, inputs, sched, table.n_tokens, seed=11)["image.b"]
+        assert a.shape == (len(zs), TINY["image.b"][1]) and (a >= 0).all()
+        assert torch.equal(a, generate(model, inputs, sched, table.n_tokens, seed=11)["image.b"])
+    hot = [TargetSchedule("image.b", steps=4, temperature=5.0, **settings)]
+    draws = {tuple(generate(model, inputs, hot, table.n_tokens, seed=s)["image.b"].flatten().tolist()) for s in range(3)}
+    assert len(draws) > 1                                                # other seeds, other samples
 
 
 # -- baselines -------------------------------------------------------------------------------
@@ -111,7 +152,7 @@ def _gaussian_image(key, sigma_arcsec=0.8, mag=19.0):
 
 def test_resampling_baseline_conserves_flux_in_ab_units():
     des, hsc = _gaussian_image("image.des"), _gaussian_image("image.hsc")
-    out = resample_image(des, template_for("image.hsc", image_size=32))
+    out = resample_image(des, template_for("image.hsc", image_size=32), psf_regulariser=None)  # no PSF here
     assert out.flux.shape == hsc.flux.shape and out.bands == hsc.bands
     np.testing.assert_allclose(out.flux.sum((1, 2)), hsc.flux.sum((1, 2)), rtol=0.03)  # same AB magnitude
     np.testing.assert_allclose(out.flux, hsc.flux, atol=0.03 * hsc.flux.max())
@@ -169,12 +210,12 @@ def test_cli_translate_writes_fits_figures_and_schedule(tiny_models, sky_shards)
     _run("translate", "--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"),
          "--data", str(sky_shards), "--n", "2", "--samples", "2", "--steps", "3", "--out", str(out))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_objects"] == 2 and math.isfinite(summary["median_chi2_vs_truth"])
+    assert summary["n_objects"] == 2 and math.isfinite(summary["median_chi2_vs_truth.image.hsc"])
     oid = summary["objects"][0]["object_id"]
     with fits.open(out / f"{oid}.image.hsc.1.fits") as hdul:
         assert hdul[0].data.shape == (5, 32, 32) and hdul[0].header["BANDS"] == "hsc.g,hsc.r,hsc.i,hsc.z,hsc.y"
         assert hdul[0].header["PIXSCALE"] == pytest.approx(0.168) and hdul[0].header["CTYPE1"] == "RA---TAN"
-    assert (out / f"{oid}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / f"{oid}.image.hsc.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "schedule.json").read_text())[0]["steps"] == 3
 
 
@@ -184,14 +225,36 @@ def test_cli_superres_sample_predict_embed(tiny_models, sky_shards):
     oid = json.loads((tiny_models / "sr" / "summary.json").read_text())["objects"][0]["object_id"]
     with fits.open(tiny_models / "sr" / f"{oid}.spectrum.desi.0.fits") as hdul:
         assert len(hdul["SPECTRUM"].data["WAVELENGTH"]) == 7781 and hdul["SPECTRUM"].header["INSTRUME"] == "desi"
-    _run("sample", *common, "--steps", "2", "--given", "scalar.redshift", "scalar.flux_r", "--target", "image.des",
-         "--out", str(tiny_models / "sample"))
+    _run("sample", *common, "--steps", "2", "--given", "scalar.redshift", "scalar.flux_r",
+         "--target", "spectrum.desi", "image.des", "--format", "npz", "--out", str(tiny_models / "sample"))
+    summary = json.loads((tiny_models / "sample" / "summary.json").read_text())
+    oid = summary["objects"][0]["object_id"]
+    with np.load(tiny_models / "sample" / f"{oid}.image.des.0.npz") as f:     # chained: spectrum, then image
+        assert f["image.des/flux"].shape == (4, 32, 32) and str(f["image.des/survey"]) == "des"
+    assert (tiny_models / "sample" / f"{oid}.spectrum.desi.0.npz").exists()
+    assert [s["target"] for s in json.loads((tiny_models / "sample" / "schedule.json").read_text())] == \
+        ["spectrum.desi", "image.des"]
     _run("predict", *common, "--given", "image.des", "--target", "scalar.redshift", "--out", str(tiny_models / "z"))
     rows = json.loads((tiny_models / "z" / "posteriors.json").read_text())
     assert all(r["lo68"] <= r["median"] <= r["hi68"] for r in rows)
-    _run("embed", *common, "--given", "image.des", "--out", str(tiny_models / "emb"))
+    _run("embed", *common, "--n", "5", "--given", "image.des", "--neighbours", "2", "--out", str(tiny_models / "emb"))
     emb = np.load(tiny_models / "emb" / "embeddings.npz")["embeddings"]
-    assert emb.shape == (2, 32) and np.isfinite(emb).all()
+    assert emb.shape == (5, 32) and np.isfinite(emb).all()
+    near = json.loads((tiny_models / "emb" / "neighbours.json").read_text())
+    assert len(near) == 5 and all(len(r["neighbours"]) == 2 and r["object_id"] not in r["neighbours"] for r in near)
+
+
+def test_pipeline_translates_back_and_chains_with_several_samples(tiny_models, sky_shards):
+    from omnisky.generate.pipeline import Pipeline
+    from omnisky.shards.reader import stream
+    sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
+    objs = [s for s in stream(shard_urls(sky_shards)) if "image.hsc" in s.records][:2]
+    back = sky.translate(objs, source="image.hsc", target="image.des", n_samples=2, seed=1, steps=2)
+    assert len(back) == 2 and len(back[0]) == 2 and back[0][0].bands == ("des.g", "des.r", "des.i", "des.z")
+    again = sky.translate(objs, source="image.hsc", target="image.des", n_samples=2, seed=1, steps=2)
+    np.testing.assert_array_equal(back[1][1].flux, again[1][1].flux)            # seeded
+    chain = sky.sample_chain(objs[:1], ["image.hsc"], sky.schedule(["scalar.redshift", "spectrum.sdss"], steps=2))
+    assert set(chain[0][0]) == {"scalar.redshift", "spectrum.sdss"} and len(chain[0][0]["spectrum.sdss"].flux) > 1000
 
 
 def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):

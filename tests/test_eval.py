@@ -1,0 +1,179 @@
+"""Evaluation parts: the classical baselines (PSF matching, colour terms), image and
+spectral-line measurements, linear probe and similarity search, photo-z figures and the
+catalog-only FM, and bench/eval.py end to end on tiny real models."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omnisky.generate.baselines import ColourTerms, colour_pair, fit_colour_terms, resample_image
+from omnisky.generate.measure import EMISSION_LINES, half_light_radius, image_photometry, line_fluxes, line_sigma
+from omnisky.generate.outputs import write_npz
+from omnisky.generate.photoz import (catalog_samples, coverage, redshift_metrics, scalar_masked_batch,
+                                     train_catalog_fm)
+from omnisky.generate.probe import LinearProbe, similarity_search
+from omnisky.generate.templates import template_for
+from omnisky.shards.reader import stream
+from omnisky.shards.writer import shard_urls
+
+from test_generate import tiny_models  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _both_images(sky_shards):
+    return [s for s in stream(shard_urls(sky_shards)) if "image.des" in s.records and "image.hsc" in s.records]
+
+
+def _truth(s, key):
+    return dataclasses.replace(s.records[key], flux=s.truth[key], mask=np.zeros_like(s.records[key].mask))
+
+
+# -- baselines ----------------------------------------------------------------------------------
+def test_psf_matching_brings_the_des_truth_closer_to_the_hsc_truth(sky_shards):
+    """Noiseless DES-like galaxies resampled onto the HSC grid: matching the (broader) DES
+    PSF to the HSC one must bring each band's concentration (peak / total: blind to the
+    colour terms and to the stamps' independent sub-pixel offsets) to the HSC image's."""
+    objs = _both_images(sky_shards)[:6]
+    assert objs
+    errors = []
+    for s in objs:
+        des, hsc = _truth(s, "image.des"), _truth(s, "image.hsc")
+        plain = resample_image(des, hsc, psf_regulariser=None)
+        matched = resample_image(des, hsc, psf_regulariser=1e-3)
+        for j in range(4):                       # g, r, i, z (y has no DES counterpart)
+            conc = lambda img: img.flux[j].max() / img.flux[j].sum()    # noqa: E731  (colour-free)
+            errors.append((abs(conc(plain) / conc(hsc) - 1), abs(conc(matched) / conc(hsc) - 1)))
+    errors = np.array(errors)                    # (objects x bands, [plain, matched])
+    assert errors[:, 1].mean() < 0.4 * errors[:, 0].mean(), errors
+    assert np.mean(errors[:, 1] < errors[:, 0]) >= 0.9, errors
+
+
+def test_colour_terms_recover_a_colour_equation():
+    """Targets made from sources by m_t - m_s = 0.1 + 0.3 (g - r): the fit finds 0.1 and 0.3."""
+    rng = np.random.default_rng(0)
+    src, tgt = template_for("image.des", 8), template_for("image.hsc", 8)
+    pairs = []
+    for _ in range(30):
+        s = dataclasses.replace(src, flux=np.ones_like(src.flux) * rng.uniform(1, 5, (4, 1, 1)).astype(np.float32))
+        f = s.flux.sum((1, 2)) * 10 ** (-0.4 * (s.zero_point - 22.5))                # nanomaggies
+        colour = -2.5 * np.log10(f[0] / f[1])
+        ratio = 10 ** (-0.4 * (0.1 + 0.3 * colour))
+        t = dataclasses.replace(tgt, flux=np.ones_like(tgt.flux) * (f[0] * ratio / 64 / 10 ** (-0.4 * (tgt.zero_point - 22.5))))
+        pairs.append((s, t))
+    terms = fit_colour_terms(pairs, src.bands, tgt.bands)
+    assert isinstance(terms, ColourTerms) and terms.nearest[0] == 0 and colour_pair("hsc.g", src.bands) == (0, 1)
+    assert terms.offset[0] == pytest.approx(0.1, abs=1e-3) and terms.slope[0] == pytest.approx(0.3, abs=1e-3)
+
+
+# -- measurements --------------------------------------------------------------------------------
+def test_image_photometry_of_a_gaussian():
+    img = template_for("image.hsc", 48)
+    h = img.flux.shape[1]
+    sigma = 0.5  # arcsec
+    y, x = (np.mgrid[:h, :h] - (h - 1) / 2) * img.pixel_scale
+    prof = np.exp(-0.5 * (x ** 2 + y ** 2) / sigma ** 2)
+    img.flux = np.repeat((prof / prof.sum() * 1000.0)[None], 5, 0).astype(np.float32)
+    phot = image_photometry(img)
+    np.testing.assert_allclose(phot["flux"], 1000.0 * 10 ** (-0.4 * (27.0 - 22.5)), rtol=1e-4)
+    assert phot["r_half"] == pytest.approx(1.1774 * sigma, abs=img.pixel_scale)
+    assert np.all(phot["flux_sigma"] > 0) and math.isnan(half_light_radius(-prof, 0.2))
+
+
+def test_line_fluxes_recover_a_gaussian_line_on_a_continuum():
+    spec = template_for("spectrum.desi")
+    z, flux = 0.2, 50.0
+    wave = spec.wavelength
+    spec.flux = np.full(len(wave), 2.0, np.float32)
+    for name, rest in (("Halpha", EMISSION_LINES["Halpha"][0]), ("Hbeta", EMISSION_LINES["Hbeta"][0])):
+        centre = rest * (1 + z)
+        sig = line_sigma(centre, spec, 100.0)
+        spec.flux += (flux / (np.sqrt(2 * np.pi) * sig) * np.exp(-0.5 * ((wave - centre) / sig) ** 2)).astype(np.float32)
+    got = line_fluxes(spec, z)
+    assert got["Halpha"][0] == pytest.approx(flux, rel=0.02) and got["Hbeta"][0] == pytest.approx(flux, rel=0.02)
+    assert got["OIII_5008"][0] == pytest.approx(0.0, abs=0.5) and got["Halpha"][1] > 0
+    assert math.isnan(line_fluxes(spec, 0.6)["Halpha"][0])                        # redshifted off the grid
+
+
+# -- probes, search, photo-z figures ------------------------------------------------------------
+def test_linear_probe_and_similarity_search():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 16))
+    y = x @ rng.normal(size=16) + 0.01 * rng.normal(size=200)
+    probe = LinearProbe.fit(x[:100], y[:100])
+    assert np.sqrt(np.mean((probe.predict(x[100:]) - y[100:]) ** 2)) < 0.05 and probe.loo_rmse < 0.05
+    idx, sim = similarity_search(x[:3] + 1e-3, x, k=2)
+    assert idx[:, 0].tolist() == [0, 1, 2] and np.all(sim[:, 0] > sim[:, 1])
+    idx, _ = similarity_search(x[:3], x, k=2, exclude_self=True)
+    assert all(i not in row for i, row in enumerate(idx))
+    with pytest.raises(ValueError, match="share D"):
+        similarity_search(x[:, :3], x)
+
+
+def test_redshift_metrics_and_coverage():
+    z = np.array([0.1, 0.2, 0.3, 0.4])
+    m = redshift_metrics(z + np.array([0.0, 0.0, 0.0, 0.5]), z)
+    assert m["outlier_frac"] == 0.25 and m["bias"] == 0.0 and m["sigma_nmad"] == 0.0
+    assert coverage(z - 0.01, z + 0.01, z) == 1.0 and coverage(z + 0.01, z + 0.02, z) == 0.0
+
+
+def test_scalar_masking_splits_every_object_into_inputs_and_targets():
+    ids = np.arange(40).reshape(8, 5) * 10          # (N, K): object n, modality k holds 50 n + 10 k
+    b = scalar_masked_batch(ids, np.array([4, 3, 2, 1, 0]), 32, np.random.default_rng(0))
+    n_in, n_tgt = (~b["enc_pad"]).sum(1), (~b["dec_pad"]).sum(1)
+    assert (n_in >= 1).all() and (n_tgt >= 1).all() and ((n_in + n_tgt) == 5).all()
+    for r in range(32):
+        given = b["enc_ids"][r][~b["enc_pad"][r]].tolist()
+        wanted = b["dec_targets"][r][~b["dec_pad"][r]].tolist()
+        row = [v // 50 for v in given + wanted]
+        assert len(set(row)) == 1                                                          # one object
+        assert sorted(given + wanted) == sorted(ids[row[0]].tolist())                      # all its tokens
+        mods = b["enc_mod"][r][~b["enc_pad"][r]].tolist() + b["dec_mod"][r][~b["dec_pad"][r]].tolist()
+        assert [4 - (v % 50) // 10 for v in given + wanted] == mods                        # ids stay with their modality
+
+
+def test_catalog_fm_learns_redshift_from_a_colour():
+    """z = 0.1 + 0.2 colour: after a short training the posterior medians follow the truth."""
+    rng = np.random.default_rng(0)
+    colour = rng.uniform(0, 2, 600)
+    table = dict(colour_gr=colour, mag_r=rng.uniform(17, 19, 600), redshift=0.1 + 0.2 * colour)
+    names = ["mag_r", "colour_gr", "redshift"]
+    pipe, budget = train_catalog_fm(catalog_samples(table, names, range(500)), names, n_bins=16, steps=150,
+                                    batch_size=64, lr=3e-3)
+    post = pipe.predict(catalog_samples(table, names, range(500, 600)), ["scalar.mag_r", "scalar.colour_gr"],
+                        "scalar.redshift")
+    assert np.corrcoef(post["median"], table["redshift"][500:])[0, 1] > 0.9
+    assert np.all(post["lo68"] <= post["hi68"]) and budget["fm_steps"] == 150
+
+
+def test_write_npz_round_trip(tmp_path):
+    img = template_for("image.hsc", 8)
+    write_npz(tmp_path / "x.npz", {"image.hsc": img, "scalar.redshift": template_for("scalar.redshift")}, ra=1.5)
+    with np.load(tmp_path / "x.npz") as f:
+        assert f["image.hsc/flux"].shape == (5, 8, 8) and float(f["ra"]) == 1.5
+        assert tuple(f["image.hsc/bands"]) == img.bands and float(f["scalar.redshift/value"]) == 0.0
+
+
+# -- bench/eval.py end to end ---------------------------------------------------------------------
+def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import eval as bench_eval
+    finally:
+        sys.path.pop(0)
+    res = bench_eval.main(["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"),
+                           "--data", str(sky_shards), "--train-data", str(sky_shards), "--n", "4",
+                           "--n-train", "12", "--steps", "2", "--sdss", "none"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line)["bench"] == "eval"
+    for key in ("translation", "translation_back", "superres", "conditional", "redshift", "budget"):
+        assert key in res
+    assert math.isfinite(res["translation"]["chi2_baseline"]) and math.isfinite(res["superres"]["chi2_baseline"])
+    assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
+    assert res["budget"]["fm"]["params"] > 0

@@ -155,8 +155,11 @@ def test_image_masked_pixels_do_not_affect_the_loss(sky):
     assert torch.equal(tok.encode(changed), tok.encode(kept))
 
 
-def test_image_save_load_and_learning(sky, tmp_path):
-    tok = _image_tok()
+@pytest.mark.parametrize("kw", [{}, {"mix_tokens": 1, "quantizer": "lfq", "codebook_bits": 10}],
+                         ids=["fsq-local", "lfq-mixed"])
+def test_image_save_load_and_learning(sky, tmp_path, kw):
+    tok = _image_tok(**kw)
+    assert tok.vocab_size == (1024 if kw else 1000)
     recs = sky["image.des"][:4] + sky["image.hsc"][:4]
     torch.manual_seed(1)
     losses = adam_steps(tok, recs)
@@ -170,20 +173,65 @@ def test_image_save_load_and_learning(sky, tmp_path):
         assert all(np.array_equal(x.flux, y.flux) for x, y in zip(a, b))
 
 
+def test_image_decodes_a_band_it_was_not_shown(sky):
+    """Band dropout trains cross-band decoding: encode HSC g,r,i,z, decode HSC y. After a
+    few steps the y plane predicted from the other four bands must beat predicting
+    nothing (zero flux), and be about as good as y decoded with y shown (40 steps, two
+    versions of the test sky: unseen 41.8 / 56.5, seen 41.9 / 56.5, nothing 95.3 / 93.2)."""
+    hsc = sky["image.hsc"][:6]
+    tok = _image_tok(band_dropout=0.5, mix_tokens=1)
+    torch.manual_seed(2)
+    adam_steps(tok, hsc, steps=40)
+    griz = [_subset_bands(r, [0, 1, 2, 3]) for r in hsc]
+    y_only = [_subset_bands(r, [4]) for r in hsc]
+    unseen = tok.decode(tok.encode(griz), like=y_only)               # y never shown to the encoder
+    seen = tok.decode(tok.encode(hsc), like=y_only)
+
+    def chi2(pred, recs):
+        return sum(float((r.ivar * (p.flux - r.flux) ** 2)[~r.mask].mean()) for p, r in zip(pred, recs))
+    nothing = chi2([_copy(r, flux=np.zeros_like(r.flux)) for r in y_only], y_only)
+    assert chi2(unseen, y_only) < 0.8 * nothing, (chi2(unseen, y_only), chi2(seen, y_only), nothing)
+    assert chi2(unseen, y_only) < 1.2 * chi2(seen, y_only)
+
+
+def test_image_new_survey_is_a_registry_entry(sky):
+    """A band no code knows (an LSST-like r from speclite's curve) encodes once registered;
+    its embedding comes from the curve: close to DECam r, far from DECam z."""
+    from omnisky.shards import bands
+    from omnisky.tokenizers.image import band_features
+    tok = _image_tok(mix_tokens=1)
+    des = sky["image.des"][0]
+    lsst = _copy(_subset_bands(des, [1]), bands=("lsst.r",), survey="lsst")
+    with pytest.raises(RecordError, match="unknown band 'lsst.r'"):
+        tok.encode(lsst)
+    bands.register(bands.Band("lsst.r", "lsst", "r", "lsst2023-r", 22.5))
+    try:
+        ids = tok.encode(lsst)
+        assert ids.shape == (1, 64)
+        f = {n: band_features(n, 0.2, 0.8) for n in ("lsst.r", "des.r", "des.z")}
+        assert np.abs(f["lsst.r"] - f["des.r"]).sum() < 0.5 * np.abs(f["lsst.r"] - f["des.z"]).sum()
+        [back] = tok.decode(ids, like=lsst)
+        assert back.bands == ("lsst.r",) and np.isfinite(back.flux).all()
+    finally:
+        bands.REGISTRY.pop("lsst.r")
+
+
 # -- spectrum ----------------------------------------------------------------------------------
 def test_spectrum_shapes_scale_token_and_batch_of_one(sky):
     tok = _spectrum_tok()
-    assert tok.kind == "spectrum" and tok.vocab_size == 1000 and tok.n_tokens == 129
+    assert tok.kind == "spectrum" and tok.vocab_size == 1000 and tok.n_tokens == 65
     recs = sky["spectrum.sdss"][:3] + sky["spectrum.desi"][:3]         # two native grids together
     ids = tok.encode(recs)
-    assert ids.shape == (6, 129) and ids.dtype == torch.long
+    assert ids.shape == (6, 65) and ids.dtype == torch.long
     assert int(ids.min()) >= 0 and int(ids.max()) < tok.vocab_size
     assert torch.equal(tok.encode(recs[4]), ids[4:5])
-    # token 0 is the flux scale: x 10^0.7 (100 bins of 0.007 dex) moves it by 100, the shape stays
-    k = 10 ** 0.7
+    assert tok.wavelength_range == (3500.0, 10500.0)                   # SDSS, BOSS and DESI inside
+    # token 0 is the flux scale: 128 bins of 7/128 dex; x 10^(70/128) moves it by 10, the shape stays
+    assert int(ids[:, 0].max()) < tok.config.scale_bins == 128
+    k = 10 ** (70 / 128)
     brighter = [_copy(r, flux=r.flux * k, ivar=r.ivar / k ** 2) for r in recs]
     ids2 = tok.encode(brighter)
-    assert torch.equal(ids2[:, 0], ids[:, 0] + 100)
+    assert torch.equal(ids2[:, 0], ids[:, 0] + 10)
     assert (ids2[:, 1:] == ids[:, 1:]).float().mean() > 0.98
 
 
@@ -196,7 +244,7 @@ def test_spectrum_rebinning_propagates_ivar():
     flux, ivar_int = tok.rebin(rec)
     inside = (tok.wavelength > 3610) & (tok.wavelength < 9810)
     assert np.allclose(flux[inside], 2.5, rtol=1e-5)
-    width = tok.wavelength * (np.log(10000 / 3500) / 2048)             # internal pixel width, A
+    width = tok.wavelength * tok.dln                                   # internal pixel width, A
     assert np.allclose(ivar_int[inside], 4.0 * width[inside] / 0.8, rtol=0.02)   # ivar adds up
     assert np.all(ivar_int[tok.wavelength < 3590] == 0) and np.all(ivar_int[tok.wavelength > 9830] == 0)
     # a masked pixel gets weight 0: its flux cannot leak in
@@ -217,11 +265,11 @@ def test_spectrum_decode_onto_another_grid(sky):
         assert d.flux.shape == desi.flux.shape and np.isfinite(d.flux).all()
         assert np.array_equal(d.resolution, desi.resolution) and not d.mask.any()
         d.validate()
-    wide = np.linspace(3000.0, 11000.0, 500)                           # reaches outside 3500-10000
+    wide = np.linspace(3000.0, 11000.0, 500)                           # reaches outside 3500-10500
     tpl = Spectrum(np.zeros(500, np.float32), np.ones(500, np.float32), np.zeros(500, bool), wide,
                    "boss", np.full(500, 2000.0, np.float32), object_id="wide")
     [w] = tok.decode(ids[:1], like=tpl)
-    outside = (wide < 3500) | (wide > 10000)
+    outside = (wide < 3500) | (wide > 10500)
     assert np.array_equal(w.mask, outside) and np.all(w.ivar[outside] == 0) and np.all(w.flux[outside] == 0)
     strict = _spectrum_tok(out_of_range="error")
     with pytest.raises(RecordError, match="'wide'.*'spectrum.wavelength'"):
@@ -236,14 +284,16 @@ def test_spectrum_out_of_range_input(sky):
     ext = _copy(rec, wavelength=wl, flux=pad(rec.flux, 1e4), ivar=pad(rec.ivar, 1.0),
                 mask=pad(rec.mask, False), resolution=pad(rec.resolution, 5000.0))
     tok = _spectrum_tok()
-    ids = tok.encode(ext)
-    assert tok.n_out_of_range == int(((wl > 10000) & ~ext.mask).sum()) > 0
-    masked = _copy(ext, mask=ext.mask | (wl > 10000), ivar=np.where(wl > 10000, 0, ext.ivar).astype(np.float32))
+    n_out = int(((wl > 10500) & ~ext.mask).sum())
+    with pytest.warns(UserWarning, match=f"object '{rec.object_id}': masked {n_out} unmasked pixel.*10500"):
+        ids = tok.encode(ext)
+    assert tok.n_out_of_range == n_out > 0
+    masked = _copy(ext, mask=ext.mask | (wl > 10500), ivar=np.where(wl > 10500, 0, ext.ivar).astype(np.float32))
     assert torch.equal(ids, tok.encode(masked))                        # out of range == masked
     strict = _spectrum_tok(out_of_range="error")
     with pytest.raises(RecordError, match=f"{rec.object_id}.*'spectrum.wavelength'.*outside"):
         strict.encode(ext)
-    assert strict.encode(masked).shape == (1, 129)                     # masked pixels are fine
+    assert strict.encode(masked).shape == (1, 65)                     # masked pixels are fine
     in_nm = _copy(rec, wavelength=rec.wavelength / 10)                 # wrong units: nothing inside
     with pytest.raises(RecordError, match="no unmasked pixel inside"):
         tok.encode(in_nm)
@@ -271,6 +321,56 @@ def test_spectrum_masked_pixels_save_load_and_learning(sky, tmp_path):
     assert all(np.array_equal(x.flux, y.flux) for x, y in zip(a, b))
 
 
+def test_spectrum_resampling_conserves_flux_and_broadens_by_resolution():
+    from omnisky.tokenizers.resample import gaussian_broaden, pixel_edges, resample_matrix
+    tok = _spectrum_tok(n_pixels=8192, downsample=64, patch=16, channels=8, hidden=16)
+    assert 3700 < tok.model_resolution < 3750                        # FWHM = 2 internal pixels
+    n, rng = tok.config.n_pixels, np.random.default_rng(0)
+    y = rng.normal(size=n)
+    knots = np.arange(n)                                               # internal centres, pixel units
+    fine = np.linspace(-0.5, n - 0.5, 40 * n + 1)
+    for lo, hi, L in ((3600.0, 9824.0, 7781), (4000.0, 9000.0, 500)):    # finer and coarser than internal
+        wl = np.linspace(lo, hi, L)
+        A = resample_matrix(np.log(wl).tobytes(), tok.ln_min, tok.ln_max, n)
+        assert np.allclose(A @ np.ones(n), 1.0)                         # a flat spectrum stays flat
+        edges = (pixel_edges(np.log(wl)) - tok.ln_min) / tok.dln - 0.5  # ln-lambda mid-points, in pixels
+        v = np.concatenate([[edges[0]], fine[(fine > edges[0]) & (fine < edges[-1])], [edges[-1]]])
+        integral = np.trapezoid(np.interp(v, knots, y), v)              # the integral is conserved
+        assert (A @ y) @ np.diff(edges) == pytest.approx(integral, rel=1e-4, abs=1e-3)
+    line = np.zeros((1, 512)); line[0, 256] = 1.0                      # a line broadened by sigma = 3 px
+    b = gaussian_broaden(torch.tensor(line), torch.full((1, 512), 3.0))[0].numpy()
+    x = np.arange(512) - 256
+    assert b.sum() == pytest.approx(1.0, rel=1e-6) and (b * x ** 2).sum() == pytest.approx(9.0, rel=1e-3)
+    # the same tokens decoded at R = 1500 and DESI-like R = 5000: same flux, softer lines at 1500
+    wl = 3600.0 + 0.8 * np.arange(7781)
+    rec = Spectrum((1 + 0.3 * rng.normal(size=7781)).astype(np.float32), np.full(7781, 4.0, np.float32),
+                   np.zeros(7781, bool), wl, "desi", np.full(7781, 5000.0, np.float32), object_id="x")
+    ids = tok.encode(rec)
+    [sharp] = tok.decode(ids, like=rec)
+    [soft] = tok.decode(ids, like=_copy(rec, resolution=np.full(7781, 1500.0, np.float32)))
+    assert tok.line_spread_px(np.array([1500.0]))[0] > 1.5 and tok.line_spread_px(np.array([9000.0]))[0] == 0
+    assert soft.flux.sum() == pytest.approx(sharp.flux.sum(), rel=1e-3)
+    assert np.diff(soft.flux).std() < 0.8 * np.diff(sharp.flux).std()
+
+
+def test_spectrum_blind_spot_and_chi2_against_truth(sky):
+    recs = sky["spectrum.sdss"][:2] + sky["spectrum.desi"][:2]
+    plain, blind = _spectrum_tok(), _spectrum_tok(blind_spot=0.5)
+    with torch.no_grad():                                              # evaluation scores every pixel
+        assert float(blind.training_loss(recs)[0]) == pytest.approx(float(plain.training_loss(recs)[0]), rel=1e-6)
+    blind.train()
+    torch.manual_seed(0)
+    loss, _ = blind.training_loss(recs)                                # training scores hidden patches
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss.detach()) != pytest.approx(float(plain.training_loss(recs)[0].detach()))
+    blind.eval()
+    chi2 = plain.reduced_chi2(recs)
+    assert chi2.shape == (4,) and np.allclose(plain.reduced_chi2(recs, truth=[r.flux for r in recs]), chi2)
+    assert np.all(plain.reduced_chi2(recs, truth=[np.zeros_like(r.flux) for r in recs]) != chi2)
+    with pytest.raises(ValueError, match="3 truths for 4 records"):
+        plain.reduced_chi2(recs, truth=[r.flux for r in recs[:3]])
+
+
 # -- real data ---------------------------------------------------------------------------------
 SDSS_SPECTRA = sorted((ROOT.parent / "shared" / "data" / "sdss_spectra").glob("spec-*.fits"))
 
@@ -294,7 +394,7 @@ def test_spectrum_real_sdss_round_trip():
     tok = _spectrum_tok()
     recs = [_read_sdss(p) for p in SDSS_SPECTRA]
     ids = tok.encode(recs)
-    assert ids.shape == (len(recs), 129) and int(ids.max()) < tok.vocab_size
+    assert ids.shape == (len(recs), 65) and int(ids.max()) < tok.vocab_size
     scale = tok.scale_value(ids[:, 0].numpy())
     for r, s in zip(recs, scale):                                      # the scale token is the flux level
         ok = ~r.mask

@@ -1,4 +1,4 @@
-"""Multiband galaxy stamps -> a grid of FSQ tokens, with one model for every survey.
+"""Multiband galaxy stamps -> a grid of FSQ (or LFQ) tokens, with one model for every survey.
 
     tok = ImageTokenizer(ImageConfig(size=32, downsample=4))   # 8x8 = 64 tokens, vocab 1000
     ids = tok.encode(des_images)                   # list of Image (any registry bands) -> (B, 64)
@@ -20,8 +20,15 @@ to 2.8).
 Network. Each band plane [x, good-pixel flag] is folded into patch x patch pixel groups
 (space-to-depth) and goes through the FiLM-modulated stem; the band features are
 averaged; a conv pyramid (ResBlocks, stride-2 convs) brings the grid down to
-size / downsample per side, where a 1x1 conv makes the len(levels) FSQ channels. The
-decoder mirrors it and ends in a per-band FiLM head that emits patch^2 sub-pixels.
+size / downsample per side, where a 1x1 conv makes the quantizer's channels (FSQ:
+len(levels); LFQ: codebook_bits). The decoder mirrors it and ends in a per-band FiLM
+head that emits patch^2 sub-pixels. With `mix_tokens` > 0, MLP-Mixer token-mixing
+blocks at the token grid (encoder end, decoder start) let a token carry information
+about any part of the stamp: a compact galaxy otherwise gets only the few tokens over
+it, while most tokens describe empty sky (held-out tokens of the 600-step tiny model:
+9% of the 1000 codes used, perplexity 25). Measured at that budget, mixing improved real
+DECaLS stamps (chi2 1.01 vs 1.14) and left the simulated ones and the perplexity as
+they were; LFQ doubled the perplexity (49) but reconstructed worse, so FSQ stays.
 
 Units. flux (survey units, zero point zp) -> surface brightness in nanomaggies per
 arcsec^2: sb = flux 10^(-0.4 (zp - 22.5)) / pixel_scale^2, then range compression
@@ -45,8 +52,8 @@ import torch.nn.functional as F
 from ..shards import bands as band_registry
 from ..shards.schema import Image, RecordError
 from .base import Tokenizer, as_list, register_tokenizer
-from .layers import Downsample, FiLM, ResBlock, Upsample, conv, norm, pyramid_halvings
-from .quantizer import FSQuantizer
+from .layers import Downsample, FiLM, ResBlock, TokenMixer, Upsample, conv, norm, pyramid_halvings
+from .quantizer import make_quantizer
 
 AB_NANOMAGGY_ZP = 22.5   # zero point of the common flux unit (nanomaggies)
 N_BAND_FEATURES = 11
@@ -57,7 +64,10 @@ class ImageConfig:
     size: int = 32                  # stamp side in pixels (tiny 32, base 96)
     downsample: int = 4             # stamp side / token-grid side, a power of two
     patch: int = 2                  # pixels per side folded into channels at the stem (<= downsample)
+    quantizer: str = "fsq"          # 'fsq' (vocab = prod(levels)) or 'lfq' (vocab = 2^codebook_bits)
     levels: tuple[int, ...] = (8, 5, 5, 5)   # FSQ levels: vocab = their product
+    codebook_bits: int = 10         # LFQ only: bits per token
+    entropy_weight: float = 0.1     # LFQ only: weight of its code-usage entropy loss
     channels: int = 32              # width at full resolution; doubles per halving ...
     hidden: int = 64                # ... up to this width
     band_dim: int = 32              # size of the band embedding
@@ -66,6 +76,8 @@ class ImageConfig:
                                     # 2-3 sigma background offset on r < 22 galaxies: DES chi2 62 vs 2.5)
     band_dropout: float = 0.0       # training: chance per object of hiding a random band subset
                                     # (> 0 teaches decoding bands not shown; costs recon at 2 min)
+    mix_tokens: int = 0             # TokenMixer blocks at the token grid, in encoder and decoder each:
+                                    # lets the many sky tokens carry bits about the galaxy (0 = local only)
 
 
 def band_features(name: str, pixel_scale: float, psf_fwhm: float, object_id: str = "") -> np.ndarray:
@@ -107,11 +119,12 @@ class ImageTokenizer(Tokenizer):
         super().__init__(config)
         c = config
         halvings = pyramid_halvings("ImageConfig", c.size, c.downsample, c.patch)
-        if not (c.softening > 0 and c.min_sigma > 0 and 0 <= c.band_dropout < 1):
-            raise ValueError(f"ImageConfig: need softening > 0, min_sigma > 0, 0 <= band_dropout < 1; got {c}")
+        if not (c.softening > 0 and c.min_sigma > 0 and 0 <= c.band_dropout < 1 and c.mix_tokens >= 0):
+            raise ValueError(f"ImageConfig: need softening > 0, min_sigma > 0, 0 <= band_dropout < 1, "
+                             f"mix_tokens >= 0; got {c}")
         self.grid = c.size // c.downsample
         widths = [min(c.channels * 2 ** k, c.hidden) for k in range(halvings + 1)]
-        self.quantizer = FSQuantizer(c.levels)
+        self.quantizer = make_quantizer(c.quantizer, c.levels, c.codebook_bits, c.entropy_weight, "ImageConfig")
         self.band_mlp = nn.Sequential(nn.Linear(N_BAND_FEATURES, c.band_dim), nn.GELU(),
                                       nn.Linear(c.band_dim, c.band_dim))
         # encoder: shared per-band stem, mean over bands, then a conv pyramid
@@ -121,10 +134,13 @@ class ImageTokenizer(Tokenizer):
         enc = [ResBlock(widths[0], 2)]
         for a, b in zip(widths[:-1], widths[1:]):
             enc += [Downsample(a, b, 2), ResBlock(b, 2)]
+        enc += [TokenMixer(widths[-1], self.grid ** 2) for _ in range(c.mix_tokens)]
         enc += [norm(widths[-1]), nn.GELU(), conv(2, widths[-1], self.quantizer.dim, kernel=1)]
         self.encoder = nn.Sequential(*enc)
         # decoder: conv pyramid back to full resolution, then a FiLM head per target band
-        dec = [conv(2, self.quantizer.dim, widths[-1]), ResBlock(widths[-1], 2)]
+        dec = [conv(2, self.quantizer.dim, widths[-1])]
+        dec += [TokenMixer(widths[-1], self.grid ** 2) for _ in range(c.mix_tokens)]
+        dec += [ResBlock(widths[-1], 2)]
         for a, b in zip(widths[:0:-1], widths[-2::-1]):
             dec += [Upsample(a, b, 2), ResBlock(b, 2)]
         dec += [norm(widths[0]), nn.GELU()]

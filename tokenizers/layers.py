@@ -4,6 +4,7 @@
     down = Downsample(32, 64, dims=1)       # stride-2 conv: length / 2
     up = Upsample(64, 32, dims=2)           # nearest x2 then conv: size * 2
     film = FiLM(cond_dim=32, channels=64)   # x * (1 + gamma(c)) + beta(c)
+    mix = TokenMixer(64, n_positions=64)    # x + MLP over the 8x8 grid positions (global)
 
 `dims` picks Conv1d or Conv2d; every block keeps the channel axis second: (B, C, L) or
 (B, C, H, W).
@@ -93,3 +94,26 @@ def pyramid_halvings(what: str, length: int, downsample: int, patch: int) -> int
     if length % downsample:
         raise ValueError(f"{what}: size {length} is not a multiple of downsample {downsample}")
     return n_halvings(downsample // patch, f"{what}.downsample / patch")
+
+
+class TokenMixer(nn.Module):
+    """Residual MLP over the positions of a latent grid (MLP-Mixer's token mixing), so that
+    every position can carry information about any part of the object, not only its own
+    patch: x + W2 gelu(W1 norm(x)) applied along the flattened grid, shared by channels.
+
+    x: (B, C, *grid) with prod(grid) = n_positions. The output layer is zero-initialised,
+    so it starts as the identity (a purely local conv network)."""
+
+    def __init__(self, channels: int, n_positions: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or n_positions
+        self.norm = norm(channels)
+        self.fc1 = nn.Linear(n_positions, hidden)
+        self.fc2 = nn.Linear(hidden, n_positions)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x).flatten(2)                                     # (B, C, N)
+        h = self.fc2(F.gelu(self.fc1(h)))                               # (B, C, N)
+        return x + h.view_as(x)

@@ -1,4 +1,4 @@
-"""The quantizer adapter: finite scalar quantization (FSQ) from vector-quantize-pytorch.
+"""The quantizer adapters: FSQ and LFQ from vector-quantize-pytorch, one interface.
 
     q = FSQuantizer(levels=(8, 5, 5, 5))          # vocab 8*5*5*5 = 1000, code dim 4
     z_q, ids, aux = q(z)                          # z (B, 4, *grid) -> z_q same shape,
@@ -10,6 +10,14 @@ FSQ (Mentzer et al. 2023) rounds each of the d channels, bounded by tanh, onto i
 small grid of `levels[i]` values with a straight-through gradient. It has no codebook to
 learn, so no commitment or codebook loss (aux = 0) and no dead codes to revive; the
 tokenizers project their features to `len(levels)` channels before it and back after.
+
+    q = LFQuantizer(bits=10, entropy_weight=0.1)  # vocab 2^10, code dim 10, same interface
+    q = make_quantizer("lfq", levels, bits=10)    # what the tokenizers' configs call
+
+LFQ (lookup-free quantization, MAGVIT-v2) takes the sign of each of `bits` channels;
+its aux loss (commitment + entropy) pushes every code to be used across a batch while
+each position stays confident, the classical cure for a codebook that collapses onto a
+few codes (here: sky).
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import math
 import torch
 from einops import rearrange
 from torch import nn
-from vector_quantize_pytorch import FSQ
+from vector_quantize_pytorch import FSQ, LFQ
 
 
 class FSQuantizer(nn.Module):
@@ -67,3 +75,48 @@ class FSQuantizer(nn.Module):
         p = counts / counts.sum().clamp_min(1)
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
         return {"codes_used": float((counts > 0).float().mean()), "perplexity": float(entropy.exp())}
+
+
+class LFQuantizer(FSQuantizer):
+    """Lookup-free quantization on `bits` channels: vocab 2^bits, aux = LFQ's commitment +
+    entropy loss (0 in eval mode). `usage` is inherited."""
+
+    def __init__(self, bits: int, entropy_weight: float = 0.1, commitment_weight: float = 0.25):
+        nn.Module.__init__(self)
+        if not 1 <= bits <= 20:
+            raise ValueError(f"LFQuantizer: bits must lie in [1, 20], got {bits}")
+        self.levels = (2,) * bits
+        self.lfq = LFQ(dim=bits, codebook_size=2 ** bits, entropy_loss_weight=entropy_weight,
+                       commitment_loss_weight=commitment_weight, channel_first=True)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor]:
+        """z (B, bits, *grid) -> z_q (B, bits, *grid) in {-1, 1}, ids (B, N), aux loss."""
+        if z.shape[1] != self.dim:
+            raise ValueError(f"LFQuantizer: expected {self.dim} channels, got shape {tuple(z.shape)}")
+        z_q, ids, aux = self.lfq(z.float())                             # ids (B, *grid)
+        if not self.training:
+            aux = z.new_zeros(())
+        return z_q, rearrange(ids.long(), "b ... -> b (...)"), aux
+
+    def codes(self, ids: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        ids = torch.as_tensor(ids).long()
+        if ids.ndim != 2 or ids.shape[1] != math.prod(grid):
+            raise ValueError(f"LFQuantizer: expected ids (B, {math.prod(grid)}), got {tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"LFQuantizer: token ids must lie in [0, {self.vocab_size}), "
+                             f"got min {int(ids.min())} max {int(ids.max())}")
+        bits = ((ids[..., None] & self.lfq.mask) != 0).float()         # (B, N, bits), MSB first
+        codes = bits * 2 - 1
+        spatial = " ".join(f"g{i}" for i in range(len(grid)))
+        sizes = {f"g{i}": g for i, g in enumerate(grid)}
+        return rearrange(codes, f"b ({spatial}) d -> b d {spatial}", **sizes)
+
+
+def make_quantizer(kind: str, levels: tuple[int, ...], bits: int, entropy_weight: float = 0.1,
+                   where: str = "quantizer") -> FSQuantizer:
+    """'fsq' -> FSQuantizer(levels); 'lfq' -> LFQuantizer(bits, entropy_weight)."""
+    if kind == "fsq":
+        return FSQuantizer(levels)
+    if kind == "lfq":
+        return LFQuantizer(bits, entropy_weight)
+    raise ValueError(f"{where}: quantizer must be 'fsq' or 'lfq', got {kind!r}")

@@ -54,17 +54,9 @@ class Pipeline:
         return self.tokenizers[kind]
 
     def allowed_ids(self, key: str) -> torch.Tensor:
-        """BoolTensor (n_tokens, V): the ids each token position of `key` may take. A
-        tokenizer may say so itself (`allowed_ids()`); a spectrum tokenizer's first token
-        is its flux scale, which has only `config.scale_bins` values."""
-        tok = self.tokenizer(key)
-        if hasattr(tok, "allowed_ids"):
-            return torch.as_tensor(tok.allowed_ids(), dtype=torch.bool)
-        allowed = torch.ones(self.n_tokens[key], self.model.table[key].vocab_size, dtype=torch.bool)
-        scale_bins = getattr(getattr(tok, "config", None), "scale_bins", None)
-        if modality_kind(key) == "spectrum" and scale_bins is not None:
-            allowed[0, scale_bins:] = False
-        return allowed
+        """BoolTensor (n_tokens, V): the ids each token position of `key` may take, as its
+        tokenizer states them (e.g. a spectrum's flux-scale token has fewer values)."""
+        return torch.as_tensor(self.tokenizer(key).allowed_ids(), dtype=torch.bool)
 
     # -- tokens in ---------------------------------------------------------------------
     @torch.no_grad()

@@ -233,6 +233,10 @@ def test_spectrum_shapes_scale_token_and_batch_of_one(sky):
     ids2 = tok.encode(brighter)
     assert torch.equal(ids2[:, 0], ids[:, 0] + 10)
     assert (ids2[:, 1:] == ids[:, 1:]).float().mean() > 0.98
+    # what a sampler may draw: only scale_bins ids at position 0, every id elsewhere; encodings obey it
+    allowed = tok.allowed_ids()
+    assert allowed.shape == (65, 1000) and int(allowed[0].sum()) == 128 and bool(allowed[1:].all())
+    assert bool(allowed.gather(1, ids.T).all()) and bool(allowed.gather(1, ids2.T).all())
 
 
 def test_spectrum_rebinning_propagates_ivar():

@@ -58,6 +58,11 @@ class Tokenizer(nn.Module):
     def n_tokens(self) -> int:
         raise NotImplementedError
 
+    def allowed_ids(self) -> torch.Tensor:
+        """BoolTensor (n_tokens, vocab_size): the ids each token position may take (what a
+        sampler may draw). Every id everywhere, unless a tokenizer says otherwise."""
+        return torch.ones(self.n_tokens, self.vocab_size, dtype=torch.bool)
+
     def encode(self, records) -> torch.LongTensor:
         raise NotImplementedError
 

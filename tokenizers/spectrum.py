@@ -184,6 +184,12 @@ class SpectrumTokenizer(Tokenizer):
         return 1.0 / (2.0 * self.dln)
 
     # -- flux scale token ----------------------------------------------------------------
+    def allowed_ids(self) -> torch.Tensor:
+        """(n_tokens, vocab_size): token 0 is the flux scale, which has `scale_bins` values."""
+        allowed = super().allowed_ids()
+        allowed[0, self.config.scale_bins:] = False
+        return allowed
+
     def scale_token(self, scale: np.ndarray) -> np.ndarray:
         """(B,) flux scales, 1e-17 erg/s/cm^2/A -> (B,) token ids in [0, scale_bins)."""
         c = self.config

@@ -77,6 +77,7 @@ def worker(args) -> None:
     from omnisky.fm.masking import MaskingConfig, sample_masks
     from omnisky.fm.modality import ModalityTable
     from omnisky.fm.model import FMConfig, FourM
+    from omnisky.train.fm import make_optimizer
     from omnisky.train.loop import finish, make_accelerator
 
     accelerator = make_accelerator()
@@ -102,7 +103,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = FourM(FMConfig(dim=args.dim, enc_depth=args.depth, dec_depth=args.depth, heads=args.dim // 64), table)
     n_params = model.num_params()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.05)             # the trainer's AdamW
     stages = {"built": peak_rss() / GIB}
     model, optimizer = accelerator.prepare(model, optimizer)
     stages["prepared"] = peak_rss() / GIB

@@ -11,6 +11,16 @@ sorted key order, so the same set of modalities always gives the same table.
 The FM has one concatenated token embedding table: modality `m`'s local id `i` is row
 `vocab_offset(m) + i`. Learned position embeddings are concatenated the same way:
 position `p` of modality `m` is row `position_offset(m) + p`.
+
+Token spaces. Modalities whose ids come from one tokenizer that gives them one meaning
+(`Tokenizer.shared_vocabulary`: the band-agnostic image tokenizer for image.des and
+image.hsc, the grid-agnostic spectrum tokenizer for spectrum.sdss and spectrum.desi) name
+the same `token_space` and share their rows: an HSC token and a DES token with the same
+id start from the same embedding, and position p of both is the same row (the same
+token-grid cell, or the same ln-lambda bin), which gives translation and
+super-resolution their alignment for free. The modality embedding still tells them
+apart, and every modality keeps its own output head. A modality's space defaults to its
+own key (nothing shared), which is also how tables saved without spaces load.
 """
 from __future__ import annotations
 
@@ -25,8 +35,11 @@ class ModalitySpec:
     key: str         # 'image.hsc', 'spectrum.desi', 'scalar.redshift', ...
     vocab_size: int  # local ids are in [0, vocab_size)
     n_tokens: int    # tokens per object
+    token_space: str = ""   # modalities naming the same space share embeddings ("" = the key)
 
     def __post_init__(self):
+        if not self.token_space:
+            object.__setattr__(self, "token_space", self.key)
         if not self.key or "." not in self.key:
             raise ValueError(f"modality key {self.key!r} must look like 'kind.name'")
         if int(self.vocab_size) < 1 or int(self.n_tokens) < 1:
@@ -52,12 +65,21 @@ class ModalityTable:
         self.keys = keys
         self._index = {k: i for i, k in enumerate(keys)}
         self.vocab_offsets, self.position_offsets = [], []
+        spaces: dict[str, tuple[ModalitySpec, int, int]] = {}   # token space -> (first spec, offsets)
         v = p = 0
         for s in specs:
-            self.vocab_offsets.append(v)
-            self.position_offsets.append(p)
-            v += s.vocab_size
-            p += s.n_tokens
+            if s.token_space in spaces:
+                first, sv, sp = spaces[s.token_space]
+                if (first.vocab_size, first.n_tokens) != (s.vocab_size, s.n_tokens):
+                    raise ValueError(f"modalities {first.key!r} and {s.key!r} share token space "
+                                     f"{s.token_space!r} but differ in vocab_size/n_tokens: "
+                                     f"{first.vocab_size}/{first.n_tokens} vs {s.vocab_size}/{s.n_tokens}")
+            else:
+                spaces[s.token_space] = (s, v, p)
+                v += s.vocab_size
+                p += s.n_tokens
+            self.vocab_offsets.append(spaces[s.token_space][1])
+            self.position_offsets.append(spaces[s.token_space][2])
         self.total_vocab, self.total_positions = v, p
 
     # -- lookups -------------------------------------------------------------------------
@@ -96,23 +118,26 @@ class ModalityTable:
         return isinstance(other, ModalityTable) and self.specs == other.specs
 
     def __repr__(self) -> str:
-        rows = ", ".join(f"{s.key}(V={s.vocab_size}, n={s.n_tokens})" for s in self.specs)
+        rows = ", ".join(f"{s.key}(V={s.vocab_size}, n={s.n_tokens}"
+                         + ("" if s.token_space == s.key else f", space={s.token_space}") + ")" for s in self.specs)
         return f"ModalityTable({rows})"
 
     # -- construction and serialisation --------------------------------------------------
     @classmethod
     def from_dict(cls, modalities: Mapping[str, Mapping[str, Any]]) -> "ModalityTable":
-        """{key: {"vocab_size": V, "n_tokens": n, ...}} (extra fields such as 'kind' ignored)."""
+        """{key: {"vocab_size": V, "n_tokens": n, ["token_space": S], ...}} (extra fields such
+        as 'kind' ignored; no token_space: the modality's own)."""
         specs = []
         for key, d in modalities.items():
             missing = [f for f in ("vocab_size", "n_tokens") if f not in d]
             if missing:
                 raise ValueError(f"modality {key!r}: missing {missing} in {dict(d)}")
-            specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"])))
+            specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"]), str(d.get("token_space", ""))))
         return cls(specs)
 
-    def to_dict(self) -> dict[str, dict[str, int]]:
-        return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens} for s in self.specs}
+    def to_dict(self) -> dict[str, dict]:
+        return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens, "token_space": s.token_space}
+                for s in self.specs}
 
     @classmethod
     def from_manifest(cls, manifest: str | Path | Mapping) -> "ModalityTable":
@@ -129,8 +154,12 @@ class ModalityTable:
 
     @classmethod
     def from_tokenizers(cls, tokenizers: Mapping[str, Any]) -> "ModalityTable":
-        """{modality_key: tokenizer}: each tokenizer declares `vocab_size` and `n_tokens`."""
-        return cls([ModalitySpec(k, int(t.vocab_size), int(t.n_tokens)) for k, t in tokenizers.items()])
+        """{modality_key: tokenizer}: each tokenizer declares `vocab_size` and `n_tokens`; the
+        modalities a shared-vocabulary tokenizer serves share a token space named by its kind
+        (one tokenizer per kind, as omnisky-tokenize and the Pipeline hold them)."""
+        return cls([ModalitySpec(k, int(t.vocab_size), int(t.n_tokens),
+                                 t.kind if getattr(t, "shared_vocabulary", False) else k)
+                    for k, t in tokenizers.items()])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)

@@ -77,6 +77,31 @@ def test_modality_table_offsets_and_round_trips(tmp_path):
         ModalitySpec("image.x", 10, 0)
 
 
+def test_token_spaces_share_rows_and_check_their_shapes():
+    """Modalities of one shared-vocabulary tokenizer share token and position rows; others
+    (the scalars' per-name bins) do not; a space with two shapes is an error; a saved
+    table without spaces loads as before."""
+    image, spectrum, scalar = (SimpleNamespace(vocab_size=v, n_tokens=n, kind=k, shared_vocabulary=s)
+                               for v, n, k, s in ((1000, 64, "image", True), (500, 65, "spectrum", True),
+                                                  (32, 1, "scalar", False)))
+    table = ModalityTable.from_tokenizers({"image.des": image, "image.hsc": image, "spectrum.sdss": spectrum,
+                                           "scalar.redshift": scalar, "scalar.flux_r": scalar})
+    assert table.vocab_offset("image.des") == table.vocab_offset("image.hsc")
+    assert table.position_offset("image.des") == table.position_offset("image.hsc")
+    assert table.vocab_offset("scalar.flux_r") != table.vocab_offset("scalar.redshift")
+    assert table.total_vocab == 1000 + 500 + 2 * 32 and table.total_positions == 64 + 65 + 2
+    assert ModalityTable.from_json(table.to_json()) == table
+    plain = {k: {"vocab_size": d["vocab_size"], "n_tokens": d["n_tokens"]} for k, d in table.to_dict().items()}
+    assert ModalityTable.from_dict(plain).total_vocab == 2 * 1000 + 500 + 2 * 32
+    with pytest.raises(ValueError, match="share token space 'image'"):
+        ModalityTable.from_dict({"image.des": {"vocab_size": 1000, "n_tokens": 64, "token_space": "image"},
+                                 "image.hsc": {"vocab_size": 1000, "n_tokens": 16, "token_space": "image"}})
+    with torch.device("meta"):
+        model = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table)
+    assert model.tok_emb.num_embeddings == table.total_vocab
+    assert [h.out_features for h in model.heads] == [spec.vocab_size for spec in table]
+
+
 # -- masking ----------------------------------------------------------------------------
 def test_masking_invariants():
     table, rng = tiny_table(), np.random.default_rng(0)
@@ -443,7 +468,7 @@ def expected_params(cfg: FMConfig, table: ModalityTable) -> int:
     encoder_block = 2 * norm + attention + mlp
     decoder_block = encoder_block + norm + attention
     embeddings = (table.total_vocab + len(table) + table.total_positions) * D
-    heads = table.total_vocab * (D + b)
+    heads = sum(spec.vocab_size for spec in table) * (D + b)      # one head per modality, shared spaces too
     return (embeddings + cfg.enc_depth * encoder_block + cfg.dec_depth * decoder_block
             + 2 * norm + heads)
 

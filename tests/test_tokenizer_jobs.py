@@ -234,8 +234,10 @@ def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path
     keys = sorted({k for s in raw for k in s.records})
     tokenized = [k for k in keys if HAS_SPECTRUM or not k.startswith("spectrum.")]
     assert sorted(m1["modalities"]) == tokenized
-    assert m1["modalities"]["image.hsc"] == dict(kind="image", vocab_size=1000, n_tokens=64, tokenizer="image")
-    assert m1["modalities"]["scalar.redshift"] == dict(kind="scalar", vocab_size=8, n_tokens=1, tokenizer="scalar")
+    assert m1["modalities"]["image.hsc"] == dict(kind="image", vocab_size=1000, n_tokens=64, tokenizer="image",
+                                                token_space="image")
+    assert m1["modalities"]["scalar.redshift"] == dict(kind="scalar", vocab_size=8, n_tokens=1, tokenizer="scalar",
+                                                      token_space="scalar.redshift")
     assert m1["summary"]["failed"] == 0 and m1["total"] == len(raw)
     if not HAS_SPECTRUM:
         assert m1["summary"]["skipped_no_tokenizer"]["spectrum.sdss"] == sum("spectrum.sdss" in s.records for s in raw)

@@ -4,6 +4,11 @@ Every tokenizer is an `nn.Module` with:
 
     vocab_size: int                 ids are in [0, vocab_size)
     n_tokens:   int                 tokens per object (per record)
+    shared_vocabulary: bool         True when an id means the same thing in every modality the
+                                    tokenizer serves (one image model for every survey, one
+                                    spectrum model for every grid), so the FM may share their
+                                    token and position embeddings; False where each modality
+                                    has ids of its own (the scalar tokenizer's per-name bins)
     encode(records) -> LongTensor (B, n_tokens)      records: one record or a sequence
     decode(tokens, like) -> list[record]             like: template record(s) giving the
                                                      target bands / wavelength grid / name
@@ -45,6 +50,7 @@ class Tokenizer(nn.Module):
 
     Config: type = None
     kind: str = ""  # 'image' | 'spectrum' | 'scalar'
+    shared_vocabulary: bool = False
 
     def __init__(self, config):
         super().__init__()

@@ -114,6 +114,7 @@ def to_common(zero_point: float, pixel_scale: float) -> float:
 class ImageTokenizer(Tokenizer):
     Config = ImageConfig
     kind = "image"
+    shared_vocabulary = True   # one latent space for every survey / grid: token i means the same
 
     def __init__(self, config: ImageConfig):
         super().__init__(config)

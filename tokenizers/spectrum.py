@@ -123,6 +123,7 @@ def _template_ivar(ivar: np.ndarray, wavelength: np.ndarray) -> np.ndarray:
 class SpectrumTokenizer(Tokenizer):
     Config = SpectrumConfig
     kind = "spectrum"
+    shared_vocabulary = True   # one latent space for every survey / grid: token i means the same
 
     def __init__(self, config: SpectrumConfig):
         super().__init__(config)

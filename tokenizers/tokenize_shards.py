@@ -12,8 +12,9 @@ so the output is byte-identical for any K.
 Each token sample is `codec.encode_tokens(object_id, {key: int32 (n,)},
 meta={'params': ..., 'present': [keys]})`. Modalities with no tokenizer are skipped and
 counted; an object with a bad record is skipped with a warning naming it and counted.
-The manifest's `modalities` ({key: {kind, vocab_size, n_tokens, tokenizer}}) is what the
-FM builds its modality table from.
+The manifest's `modalities` ({key: {kind, vocab_size, n_tokens, tokenizer, token_space}}) is
+what the FM builds its modality table from; `token_space` names the tokenizer for
+modalities whose ids mean the same thing (image.des and image.hsc), else the key itself.
 """
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
     for key in sorted(counts):
         tok = tokenizer_for(tokenizers, key)
         modalities[key] = dict(kind=tok.kind, vocab_size=tok.vocab_size, n_tokens=tok.n_tokens,
-                               tokenizer=modality_kind(key))
+                               tokenizer=modality_kind(key),
+                               token_space=modality_kind(key) if tok.shared_vocabulary else key)
     writer = ShardWriter(out, prefix=prefix, kind="tokens")
     writer.shards = [e for r in results for e in r["shards"]]
     writer.summary = dict(objects_in=sum(r["n_in"] for r in results),

@@ -26,7 +26,9 @@ AION-1's median step time over ours, i.e. the ratio of tokens/s either way of co
 3x forward), `budget_gflops_per_step` the same as if every budget slot were computed, as
 AION-1 does: their ratio is what skipping padding alone can buy. On CUDA the step runs
 under bf16 autocast and `mfu` = model FLOPs/s over the GPU's dense bf16 peak (H100: 989
-TFLOP/s); `--config` takes the model (and the budgets, batch) from a launch/fm YAML.
+TFLOP/s). `--precision bf16` autocasts on a CPU too, both models alike (on a CPU with AMX
+a bf16 matrix product runs ~7x faster than fp32); `--config` takes the model (and the
+budgets, batch) from a launch/fm YAML.
 """
 from __future__ import annotations
 
@@ -80,10 +82,10 @@ def write_peer_data(path: Path, table: ModalityTable, data) -> None:
 class Peer:
     """bench/peers/aion_fm.py in a subprocess: one training step per `step(i)` call."""
 
-    def __init__(self, python: str, data: Path, args, threads: int):
+    def __init__(self, python: str, data: Path, args, threads: int, bf16: bool):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         cmd = [python, str(PEER), "--data", str(data), "--dim", str(args.dim), "--depth", str(args.depth),
-               "--heads", str(args.heads), "--enc", str(args.enc), "--dec", str(args.dec), "--adamw", args.adamw]
+               "--heads", str(args.heads), "--enc", str(args.enc), "--dec", str(args.dec), "--adamw", args.adamw] + ["--bf16"] * bf16
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._reply()
 
@@ -114,7 +116,7 @@ class Ours:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **ADAMW[adamw])
         self.batches = [{k: v.to(device) for k, v in masked.items()} for masked, _ in data]
         self.device = device
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -148,7 +150,8 @@ def parse_args():
     ap.add_argument("--threads", type=int, default=None, help="torch threads, ours and the peer's "
                     "(default: torch's, i.e. OMP_NUM_THREADS)")
     ap.add_argument("--peer-python", default=None, help="python of a venv with polymathic-aion (AION-1 peer)")
-    ap.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="auto: bf16 autocast on CUDA GPUs that have it, else fp32; bf16 also on a CPU (both models)")
     ap.add_argument("--adamw", choices=sorted(ADAMW), default="fused",
                     help="torch AdamW implementation, the same for both models (loop: torch's CPU default)")
     args = ap.parse_args()
@@ -174,7 +177,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda" and not args.no_bf16 and torch.cuda.is_bf16_supported()
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
+                                         and torch.cuda.is_bf16_supported())
     table = ModalityTable.from_dict({k: {"vocab_size": v, "n_tokens": n} for k, (v, n) in AION_LIKE.items()})
     masking = MaskingConfig(args.enc, args.dec, input_alphas=(5.0,), target_alphas=(5.0,))
     data = make_batches(table, masking, args.batch, min(args.warmup + args.steps, 8))
@@ -184,7 +188,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.peer_python:
             write_peer_data(Path(tmp) / "batches.npz", table, data)
-            runners["aion"] = Peer(args.peer_python, Path(tmp) / "batches.npz", args, threads)
+            runners["aion"] = Peer(args.peer_python, Path(tmp) / "batches.npz", args, threads, bf16)
         times = {name: [] for name in runners}
         try:
             for i in range(args.warmup + args.steps):      # strict alternation, one step each

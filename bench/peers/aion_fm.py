@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--dec", type=int, default=128, help="target token budget (num_decoder_tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adamw", choices=sorted(ADAMW), default="fused", help="torch AdamW implementation")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (the peer runs on the CPU)")
     args = p.parse_args()
 
     data = np.load(args.data)
@@ -107,7 +108,8 @@ def main() -> None:
             break
         batch = {k: dict(v) for k, v in batches[int(cmd[1]) % len(batches)].items()}  # AION adds keys to these
         t0 = time.perf_counter()
-        loss, _ = model(batch, num_encoder_tokens=args.enc, num_decoder_tokens=args.dec, loss_type="mod")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, _ = model(batch, num_encoder_tokens=args.enc, num_decoder_tokens=args.dec, loss_type="mod")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if task == "predict":
             q.add_argument("--target", default=target)
+            q.add_argument("--temperature", type=float, default=1.0,
+                           help="divides the logits (fit it on held-out objects: generate.calibration)")
             continue
         q.add_argument("--target", nargs="+", default=[target],
                        help="target modality; several are generated in order, each joining the conditioning")
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_embed(pipe, args, out)))
         return 0
     samples = load_samples(args.data, args.n, need=args.given[:1])
-    post = pipe.predict(samples, args.given, args.target)
+    post = pipe.predict(samples, args.given, args.target, temperature=args.temperature)
     rows = [dict(object_id=s.object_id, median=float(post["median"][i]), lo68=float(post["lo68"][i]),
                  hi68=float(post["hi68"][i]),
                  truth=(float(s.records[args.target].value) if args.target in s.records else None))

@@ -137,15 +137,16 @@ class Pipeline:
     # -- posteriors and embeddings -------------------------------------------------------
     @torch.no_grad()
     def predict(self, samples: Sequence[Sample], given: Sequence[str],
-                target: str = "scalar.redshift") -> dict[str, np.ndarray]:
-        """Posterior of a one-token scalar from its bin probabilities.
+                target: str = "scalar.redshift", temperature: float = 1.0) -> dict[str, np.ndarray]:
+        """Posterior of a one-token scalar from its bin probabilities, softmax(logits / T)
+        (T from `generate.calibration.fit_temperature` on held-out objects; 1 = as trained).
 
         Returns {'median', 'lo68', 'hi68', 'mean'} arrays (B,) in the scalar's units and
         'probs' (B, n_bins), 'centres' (n_bins,)."""
         tok = self.tokenizer(target)
         name = target.split(".", 1)[1]
         inputs = self.tokenize(samples, given)
-        probs = token_probabilities(self.model, inputs, target, 1)[:, 0].numpy()    # (B, V)
+        probs = token_probabilities(self.model, inputs, target, 1, temperature)[:, 0].numpy()    # (B, V)
         edges = np.asarray(tok.bin_edges(name), dtype=np.float64)                     # (V+1,)
         centres = np.asarray(tok.bin_centres(name), dtype=np.float64)                 # (V,)
         cdf = np.cumsum(probs, axis=1)

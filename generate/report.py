@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from .cli import load_samples
-from .evaluate import FLUXES, evaluate_conditional, evaluate_redshift, evaluate_superres, evaluate_translation
+from .evaluate import (CALIBRATION_OBJECTS, FLUXES, evaluate_conditional, evaluate_redshift, evaluate_superres,
+                       evaluate_translation, heldout_split)
 
 
 def write_report(pipe, args) -> dict:
@@ -24,11 +25,13 @@ def write_report(pipe, args) -> dict:
     train_need = ["image.des", "image.hsc", "scalar.redshift"] + FLUXES
     train = load_samples(args.train_data, 300, train_need) if args.train_data else []
     cond_need = ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES
+    z_need = ["image.des", "scalar.redshift"] + FLUXES
     results = dict(
         translation=evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train, figdir, args.seed),
         superres=evaluate_superres(pipe, load_samples(args.data, n, ["spectrum.sdss", "spectrum.desi"]), figdir, args.seed),
         conditional=evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, args.seed),
-        redshift=evaluate_redshift(pipe, load_samples(args.data, n, ["image.des", "scalar.redshift"] + FLUXES), train),
+        redshift=evaluate_redshift(pipe, *heldout_split(load_samples(args.data, n + CALIBRATION_OBJECTS, z_need), n),
+                                   train),
     )
     results["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(results, indent=1))
@@ -84,6 +87,14 @@ def render_markdown(r: dict) -> str:
         for name, key in (("linear probe on omnisky embeddings", "probe_on_embeddings"), ("gradient boosting on fluxes", "gb_fluxes")):
             m = f[key]
             lines.append(f"| {name} ({f['n_labels']} labels) | {m['sigma_nmad']:.3f} | {m['outlier_frac']:.3f} | {m['bias']:.3f} |")
-    lines += ["", f"68% interval coverage: {z['coverage68']:.2f} (ideal 0.68).", "",
+    if "calibration" in z:
+        c = z["calibration"]
+        lines += ["", f"68% interval coverage: {z['coverage68']:.2f} (ideal 0.68) with the posterior's temperature "
+                      f"T = {c['temperature']:.2f} fitted on {c['n']} other held-out objects; "
+                      f"{z['coverage68_t1']:.2f} at T = 1 (posterior median at T = 1: sigma_NMAD "
+                      f"{z['fm_t1']['sigma_nmad']:.3f}, outliers {z['fm_t1']['outlier_frac']:.3f})."]
+    else:
+        lines += ["", f"68% interval coverage: {z['coverage68']:.2f} (ideal 0.68)."]
+    lines += ["",
               f"Evaluation took {r['seconds']} s."]
     return "\n".join(lines) + "\n"

@@ -114,11 +114,13 @@ def generate(model, inputs: dict, schedule: Sequence[TargetSchedule], n_tokens: 
 
 
 @torch.no_grad()
-def token_probabilities(model, inputs: dict, target: str, n_tokens: int) -> torch.Tensor:
+def token_probabilities(model, inputs: dict, target: str, n_tokens: int, temperature: float = 1.0) -> torch.Tensor:
     """(B, n_tokens, V) probabilities of every token of `target` given `inputs` at once
-    (for one-token scalars this is the full posterior over the bins)."""
+    (for one-token scalars this is the full posterior over the bins), softmax(logits / T)."""
+    if not temperature > 0:
+        raise ValueError(f"token_probabilities: temperature must be > 0, got {temperature}")
     batch = next(iter(inputs.values())).shape[0]
     device = next(model.parameters()).device
     positions = torch.arange(n_tokens, device=device).expand(batch, n_tokens)
     given = {k: v.to(device) for k, v in inputs.items() if k != target}
-    return model.logits(given, {target: positions})[target].float().softmax(-1)
+    return (model.logits(given, {target: positions})[target].float() / temperature).softmax(-1)

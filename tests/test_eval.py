@@ -177,3 +177,37 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     assert math.isfinite(res["translation"]["chi2_baseline"]) and math.isfinite(res["superres"]["chi2_baseline"])
     assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
     assert res["budget"]["fm"]["params"] > 0
+
+
+# -- posterior temperature ------------------------------------------------------------------------
+def test_fit_temperature_recovers_an_overconfident_models_temperature():
+    """Truth drawn from softmax(l); a model that says softmax(3 l) is three times too sharp:
+    the fitted temperature is ~3 and undoes it; a calibrated model gets ~1."""
+    import torch
+    from types import SimpleNamespace
+    from omnisky.generate.calibration import fit_temperature
+
+    rng = np.random.default_rng(0)
+    N, V = 4000, 16
+    true_logits = torch.from_numpy(rng.normal(0, 1.5, (N, V)))
+    truth = torch.distributions.Categorical(logits=true_logits).sample()            # (N,)
+
+    class Model(torch.nn.Module):
+        def __init__(self, sharpness):
+            super().__init__()
+            self.w, self.sharpness = torch.nn.Parameter(torch.zeros(1)), sharpness
+
+        def logits(self, given, targets):                                            # {key: (B, 1, V)}
+            rows = given["scalar.x"][:, 0]
+            return {"scalar.z": (self.sharpness * true_logits[rows])[:, None, :]}
+
+    samples = [SimpleNamespace(records={"scalar.z": int(t), "scalar.x": i}) for i, t in enumerate(truth)]
+    tok = SimpleNamespace(encode=lambda recs: torch.tensor(recs)[:, None])
+    for sharpness, expected in ((3.0, 3.0), (1.0, 1.0)):
+        pipe = SimpleNamespace(model=Model(sharpness), tokenizer=lambda key: tok,
+                               tokenize=lambda s, keys: {"scalar.x": torch.tensor([[x.records["scalar.x"]] for x in s])})
+        fit = fit_temperature(pipe, samples, ["scalar.x"], "scalar.z")
+        assert fit["n"] == N and abs(fit["temperature"] / expected - 1) < 0.1, fit
+        assert fit["nll"] <= fit["nll_t1"]
+    with pytest.raises(ValueError, match="need >= 10"):
+        fit_temperature(pipe, samples[:5], ["scalar.x"], "scalar.z")

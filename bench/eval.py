@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from omnisky.generate.cli import load_samples
-from omnisky.generate.evaluate import (CALIBRATION_OBJECTS, FLUXES, evaluate_conditional, evaluate_redshift,
+from omnisky.generate.evaluate import (CALIBRATION_OBJECTS, FLUXES, REDSHIFT_OBJECTS, evaluate_conditional, evaluate_redshift,
                                        evaluate_sdss_catalog, evaluate_superres, evaluate_translation, heldout_split)
 from omnisky.generate.pipeline import Pipeline
 
@@ -83,8 +83,10 @@ def main(argv=None) -> dict:
     p.add_argument("--data", required=True, help="held-out raw shards (simulated, with truth)")
     p.add_argument("--train-data", required=True, help="training raw shards (baselines' labels and calibration)")
     p.add_argument("--n", type=int, default=64, help="held-out objects per task")
+    p.add_argument("--n-redshift", type=int, default=REDSHIFT_OBJECTS,
+                   help="held-out objects the redshift posterior is scored on (cheap: one forward pass)")
     p.add_argument("--n-calibration", type=int, default=CALIBRATION_OBJECTS,
-                   help="held-out objects after the scored ones, to fit the redshift posterior's temperature")
+                   help="held-out objects after those, to calibrate the redshift posterior on")
     p.add_argument("--n-train", type=int, default=600, help="training objects for the baselines and the probe")
     p.add_argument("--sdss", default="auto", help="SDSS catalog FITS ('auto': the shared data; 'none': skip)")
     p.add_argument("--sdss-steps", type=int, default=2000, help="FM steps on the SDSS catalog")
@@ -113,8 +115,8 @@ def main(argv=None) -> dict:
                                         figdir, seed, **sched)
     res["conditional"] = evaluate_conditional(
         pipe, load_samples(args.data, n, ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES), figdir, seed, **sched)
-    zs = load_samples(args.data, n + args.n_calibration, ["image.des", "scalar.redshift"] + FLUXES)
-    res["redshift"] = evaluate_redshift(pipe, *heldout_split(zs, n), train, seed)
+    zs = load_samples(args.data, args.n_redshift + args.n_calibration, ["image.des", "scalar.redshift"] + FLUXES)
+    res["redshift"] = evaluate_redshift(pipe, *heldout_split(zs, args.n_redshift), train, seed)
     res["calibration_coverage68"] = res["redshift"]["coverage68"]
     sdss = default_sdss_catalog() if args.sdss == "auto" else (None if args.sdss == "none" else Path(args.sdss))
     if sdss is not None:

@@ -4,7 +4,8 @@ posteriors and embeddings from the command line.
     omnisky-generate translate --fm FM_DIR --tokenizers TOK_DIR --data RAW_SHARDS --out OUT
     omnisky-generate superres  --fm ... --data ... --out ...
     omnisky-generate sample    --fm ... --given scalar.redshift scalar.flux_g --target image.hsc
-    omnisky-generate predict   --fm ... --given image.des --target scalar.redshift
+    omnisky-generate calibrate --fm ... --data HELDOUT --n 128 --target scalar.redshift --out cal
+    omnisky-generate predict   --fm ... --given image.des --target scalar.redshift --calibration cal/calibration.json
     omnisky-generate embed     --fm ... --given image.des --neighbours 5 --probe scalar.redshift
     omnisky-generate sample    --fm ... --given image.des --target spectrum.desi image.hsc   (chained)
     omnisky-generate report    --fm ... --data TEST_RAW --train-data TRAIN_RAW --out demo_out
@@ -29,7 +30,7 @@ import torch
 from ..shards.reader import stream
 from ..shards.schema import modality_kind
 from ..shards.writer import shard_urls
-from .evaluate import reduced_chi2
+from .evaluate import REDSHIFT_OBJECTS, reduced_chi2
 from .outputs import image_figure, spectrum_figure, write_image_fits, write_npz, write_spectrum_fits
 from .probe import LinearProbe, similarity_search
 from .schedule import schedule_to_json
@@ -39,6 +40,7 @@ TASKS = {  # task -> (given, target) defaults
     "superres": (["spectrum.sdss"], "spectrum.desi"),
     "sample": (["scalar.redshift", "scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"], "image.hsc"),
     "predict": (["image.des", "scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"], "scalar.redshift"),
+    "calibrate": (["image.des", "scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"], "scalar.redshift"),
     "embed": (["image.des"], None),
 }
 
@@ -157,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0)
         if task == "report":
             q.add_argument("--train-data", default=None, help="raw training shards, for baselines fitted on training data")
-            q.add_argument("--n-eval", type=int, default=64, help="held-out objects per evaluation")
+            q.add_argument("--n-eval", type=int, default=64, help="held-out objects per generation task")
+            q.add_argument("--n-redshift", type=int, default=REDSHIFT_OBJECTS,
+                           help="held-out objects the redshift posterior is scored on; up to as many after them "
+                                "calibrate it")
             continue
         given, target = TASKS[task]
         q.add_argument("--given", nargs="+", default=given)
@@ -165,10 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--neighbours", type=int, default=0, help="write the K most similar objects of each")
             q.add_argument("--probe", default=None, help="fit a linear probe of this scalar (e.g. scalar.redshift)")
             continue
+        if task == "calibrate":
+            q.add_argument("--target", default=target)
+            continue
         if task == "predict":
             q.add_argument("--target", default=target)
+            q.add_argument("--calibration", default=None,
+                           help="calibration.json written by `omnisky-generate calibrate` on held-out objects")
             q.add_argument("--temperature", type=float, default=1.0,
-                           help="divides the logits (fit it on held-out objects: generate.calibration)")
+                           help="divides the logits (ignored with --calibration, which carries its own)")
             continue
         q.add_argument("--target", nargs="+", default=[target],
                        help="target modality; several are generated in order, each joining the conditioning")
@@ -206,8 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "embed":
         print(json.dumps(run_embed(pipe, args, out)))
         return 0
+    if args.task == "calibrate":
+        from .calibration import fit_calibration
+        cal = fit_calibration(pipe, load_samples(args.data, args.n, need=[*args.given[:1], args.target]),
+                              args.given, args.target)
+        (out / "calibration.json").write_text(json.dumps(cal, indent=1))
+        print(json.dumps({k: v for k, v in cal.items() if k not in ("levels", "pit_quantiles")}))
+        return 0
     samples = load_samples(args.data, args.n, need=args.given[:1])
-    post = pipe.predict(samples, args.given, args.target, temperature=args.temperature)
+    cal = json.loads(Path(args.calibration).read_text()) if args.calibration else None
+    if cal and (cal.get("target") != args.target or cal.get("given") != list(args.given)):
+        raise SystemExit(f"{args.calibration}: fitted for {cal.get('target')} given {cal.get('given')}, "
+                         f"not {args.target} given {list(args.given)}")
+    post = pipe.predict(samples, args.given, args.target, temperature=args.temperature, calibration=cal)
     rows = [dict(object_id=s.object_id, median=float(post["median"][i]), lo68=float(post["lo68"][i]),
                  hi68=float(post["hi68"][i]),
                  truth=(float(s.records[args.target].value) if args.target in s.records else None))

@@ -25,6 +25,8 @@ import torch
 from ..fm.model import FourM
 from ..shards.schema import Sample, modality_kind
 from ..tokenizers.base import Tokenizer, load_tokenizer
+from .calibration import model_level
+from .posterior import bin_quantile
 from .sampler import generate, token_probabilities
 from .schedule import TargetSchedule
 from .templates import template_for
@@ -136,27 +138,27 @@ class Pipeline:
 
     # -- posteriors and embeddings -------------------------------------------------------
     @torch.no_grad()
-    def predict(self, samples: Sequence[Sample], given: Sequence[str],
-                target: str = "scalar.redshift", temperature: float = 1.0) -> dict[str, np.ndarray]:
-        """Posterior of a one-token scalar from its bin probabilities, softmax(logits / T)
-        (T from `generate.calibration.fit_temperature` on held-out objects; 1 = as trained).
+    def predict(self, samples: Sequence[Sample], given: Sequence[str], target: str = "scalar.redshift",
+                temperature: float = 1.0, calibration: dict | None = None) -> dict[str, np.ndarray]:
+        """Posterior of a one-token scalar from its bin probabilities, softmax(logits / T).
+        `calibration` (from `generate.calibration.fit_calibration` on held-out objects) sets T
+        and maps the nominal levels 0.16 / 0.5 / 0.84 onto recalibrated ones; without it T =
+        `temperature` (1 = as trained) and the levels are nominal.
 
         Returns {'median', 'lo68', 'hi68', 'mean'} arrays (B,) in the scalar's units and
-        'probs' (B, n_bins), 'centres' (n_bins,)."""
+        'probs' (B, n_bins), 'centres' (n_bins,), 'levels' (3,) the levels read."""
         tok = self.tokenizer(target)
         name = target.split(".", 1)[1]
+        if calibration:
+            temperature = calibration["temperature"]
         inputs = self.tokenize(samples, given)
         probs = token_probabilities(self.model, inputs, target, 1, temperature)[:, 0].numpy()    # (B, V)
         edges = np.asarray(tok.bin_edges(name), dtype=np.float64)                     # (V+1,)
         centres = np.asarray(tok.bin_centres(name), dtype=np.float64)                 # (V,)
-        cdf = np.cumsum(probs, axis=1)
-        def quantile(q):  # linear within the bin that crosses q
-            i = np.clip((cdf < q).sum(1), 0, probs.shape[1] - 1)
-            below = np.where(i > 0, cdf[np.arange(len(i)), i - 1], 0.0)
-            frac = np.clip((q - below) / np.maximum(probs[np.arange(len(i)), i], 1e-12), 0, 1)
-            return edges[i] + frac * (edges[i + 1] - edges[i])
-        return dict(median=quantile(0.5), lo68=quantile(0.16), hi68=quantile(0.84),
-                    mean=probs @ centres, probs=probs, centres=centres)
+        levels = np.array([model_level(q, calibration) for q in (0.16, 0.5, 0.84)])
+        lo, median, hi = (bin_quantile(probs, edges, q) for q in levels)
+        return dict(median=median, lo68=lo, hi68=hi, mean=probs @ centres, probs=probs, centres=centres,
+                    levels=levels)
 
     @torch.no_grad()
     def embed(self, samples: Sequence[Sample], given: Sequence[str]) -> np.ndarray:

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo_out}
 N=${N:-2000}            # training objects
-N_TEST=${N_TEST:-200}   # held-out objects (another sky seed)
+N_TEST=${N_TEST:-1200} # held-out objects (another sky seed): 64 per generation task, 400 + 400 for the redshift posterior
 WORKERS=${WORKERS:-2}
 FM_SET=${FM_SET:-}      # extra `--set key=value` for FM training, e.g. "steps=50"
 TOK_SET=${TOK_SET:-}    # extra `--set key=value` for the image and spectrum tokenizers
@@ -36,7 +36,7 @@ omnisky-tokenize --raw "$OUT/raw/test" --tokenizers "$OUT/tokenizers" --out "$OU
 
 stage "4/6 train the FM: accelerate launch, 2 CPU processes, DeepSpeed ZeRO-2"
 accelerate launch --config_file launch/accelerate/zero2.yaml -m omnisky.train.fm \
-  --config launch/fm/tiny.yaml --data "$OUT/tokens/train" --out "$OUT/fm" $(sets "$FM_SET")
+  --config launch/fm/tiny.yaml --data "$OUT/tokens/train" --eval-data "$OUT/tokens/test" --out "$OUT/fm" $(sets "$FM_SET")
 
 stage "5/6 generate: survey translation, super-resolution, conditional generation"
 GEN=(--fm "$OUT/fm/model" --tokenizers "$OUT/tokenizers" --data "$OUT/raw/test")

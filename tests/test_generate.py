@@ -237,6 +237,16 @@ def test_cli_superres_sample_predict_embed(tiny_models, sky_shards):
     _run("predict", *common, "--given", "image.des", "--target", "scalar.redshift", "--out", str(tiny_models / "z"))
     rows = json.loads((tiny_models / "z" / "posteriors.json").read_text())
     assert all(r["lo68"] <= r["median"] <= r["hi68"] for r in rows)
+    _run("calibrate", *common, "--n", "12", "--given", "image.des", "--target", "scalar.redshift",
+         "--out", str(tiny_models / "cal"))
+    cal = json.loads((tiny_models / "cal" / "calibration.json").read_text())
+    assert cal["n"] == 12 and cal["temperature"] > 0 and len(cal["pit_quantiles"]) == len(cal["levels"])
+    _run("predict", *common, "--given", "image.des", "--target", "scalar.redshift",
+         "--calibration", str(tiny_models / "cal" / "calibration.json"), "--out", str(tiny_models / "zc"))
+    assert all(r["lo68"] <= r["median"] <= r["hi68"] for r in json.loads((tiny_models / "zc" / "posteriors.json").read_text()))
+    with pytest.raises(SystemExit, match="fitted for scalar.redshift given"):
+        _run("predict", *common, "--given", "image.des", "scalar.flux_r", "--target", "scalar.redshift",
+             "--calibration", str(tiny_models / "cal" / "calibration.json"), "--out", str(tiny_models / "zc"))
     _run("embed", *common, "--n", "5", "--given", "image.des", "--neighbours", "2", "--out", str(tiny_models / "emb"))
     emb = np.load(tiny_models / "emb" / "embeddings.npz")["embeddings"]
     assert emb.shape == (5, 32) and np.isfinite(emb).all()

@@ -10,8 +10,10 @@ accelerate's DeepSpeed ZeRO-3, takes `--steps` training steps on small batches (
 parameters, gradients and optimizer state dominate, not activations) and reports:
 
 - peak_rss_gib: the rank's peak resident memory (getrusage ru_maxrss), everything
-  included (interpreter, torch, DeepSpeed, the full model as built before ZeRO-3
+  included (interpreter, torch, DeepSpeed, the full model where it is built before ZeRO-3
   partitions it, communication buffers);
+- zero3_init: whether the model was built partitioned (deepspeed.zero.Init, the accelerate
+  config's zero3_init_flag; `--zero3-init on|off` forces it);
 - base_rss_gib: its resident memory after imports (DeepSpeed's included) and
   process-group setup, before the model (the floor no sharding can lower);
 - state_gib: the bytes of this rank's parameter partition, fp32 master partition,
@@ -79,6 +81,7 @@ def worker(args) -> None:
     from omnisky.fm.model import FMConfig, FourM
     from omnisky.train.fm import make_optimizer
     from omnisky.train.loop import finish, make_accelerator
+    from omnisky.train.partitioned import model_init_context
 
     accelerator = make_accelerator()
     plugin = accelerator.state.deepspeed_plugin
@@ -101,7 +104,8 @@ def worker(args) -> None:
 
     table = ModalityTable.from_dict({k: {"vocab_size": v, "n_tokens": n} for k, (v, n) in AION_LIKE.items()})
     torch.manual_seed(0)
-    model = FourM(FMConfig(dim=args.dim, enc_depth=args.depth, dec_depth=args.depth, heads=args.dim // 64), table)
+    with model_init_context(accelerator):      # deepspeed.zero.Init when zero3_init_flag is on
+        model = FourM(FMConfig(dim=args.dim, enc_depth=args.depth, dec_depth=args.depth, heads=args.dim // 64), table)
     n_params = model.num_params()
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.05)             # the trainer's AdamW
     stages = {"built": peak_rss() / GIB}
@@ -119,6 +123,7 @@ def worker(args) -> None:
         stages.setdefault("first_step", peak_rss() / GIB)
     state = zero3_state_bytes(accelerator.unwrap_model(model), optimizer)
     report = {"rank": accelerator.process_index, "processes": accelerator.num_processes, "params": n_params,
+              "zero3_init": bool(plugin.zero3_init_flag),
               "peak_rss_gib": peak_rss() / GIB, "base_rss_gib": base / GIB, "end_rss_gib": rss_now() / GIB,
               "state_gib": state["total"] / GIB, "state_parts_gib": {k: v / GIB for k, v in state.items()},
               "peak_rss_after_gib": stages, "loss": float(loss.detach())}
@@ -132,7 +137,9 @@ def launch(args, processes: int, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(args.config),
-           "--num_processes", str(processes), str(Path(__file__).resolve()), "--worker", str(out),
+           "--num_processes", str(processes),
+           *(["--zero3_init_flag", "true" if args.zero3_init == "on" else "false"] if args.zero3_init != "config" else []),
+           str(Path(__file__).resolve()), "--worker", str(out),
            "--dim", str(args.dim), "--depth", str(args.depth), "--batch", str(args.batch), "--steps", str(args.steps), "--live", str(args.live)]
     run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
@@ -152,6 +159,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--live", type=int, default=0, help="stage3_max_live_parameters and _max_reuse_distance "
                     "in dim^2 units (0: the accelerate/DeepSpeed config's)")
+    ap.add_argument("--zero3-init", default="config", choices=["config", "on", "off"],
+                    help="build the model partitioned (deepspeed.zero.Init): as the accelerate config says, or force it")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per launch")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,7 +170,7 @@ def main() -> None:
         runs = {n: launch(args, n, Path(tmp) / f"p{n}") for n in (1, 2)}
     one, two = runs[1][0], runs[2]
     out = {"config": Path(args.config).name, "dim": args.dim, "depth": args.depth, "heads": args.dim // 64,
-           "live_dim2": args.live,
+           "live_dim2": args.live, "zero3_init": one["zero3_init"],
            "params_m": round(one["params"] / 1e6, 2), "threads": int(os.environ.get("OMP_NUM_THREADS", "1")),
            "p1_peak_rss_gib": round(one["peak_rss_gib"], 3), "p1_base_rss_gib": round(one["base_rss_gib"], 3),
            "p1_state_gib": round(one["state_gib"], 3),

@@ -27,6 +27,7 @@ dropped, so the encoder only sees what is known.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -44,6 +45,16 @@ from ..config import from_dict, to_dict
 from .attention import BACKENDS, get_attention
 from .modality import ModalityTable
 from .packing import Layout, trim
+
+
+def _gathered(params: list[torch.Tensor]):
+    """The full parameters while inside, for ZeRO-3 partitioned ones (DeepSpeed's
+    GatheredParameters: rank 0's values are kept and re-partitioned on exit); for plain
+    tensors nothing."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -155,21 +166,25 @@ class FourM(nn.Module):
         self.decoder = nn.ModuleList(Block(config, cross=True) for _ in range(config.dec_depth))
         self.dec_norm = nn.LayerNorm(D, bias=config.bias)
         self.heads = nn.ModuleList(nn.Linear(D, s.vocab_size, bias=config.bias) for s in table)
-        self.apply(self._init_weights)
-        depth = config.enc_depth + config.dec_depth
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):  # residual projections, scaled as in GPT-2
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+        self._init_weights()
 
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _init_weights(self) -> None:
+        """N(0, 0.02) matrices and embeddings, zero biases, residual projections (`*.proj`)
+        scaled by 1/sqrt(2 depth) as in GPT-2. One module at a time, each under
+        `_gathered` so that parameters built partitioned (deepspeed.zero.Init, ZeRO-3) get
+        the same values as plain ones."""
+        depth = self.config.enc_depth + self.config.dec_depth
+        for name, module in self.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            with _gathered(list(module.parameters(recurse=False))):
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith("proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.parameters())   # full size under ZeRO-3
 
     @property
     def device(self) -> torch.device:

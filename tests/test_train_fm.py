@@ -80,7 +80,7 @@ def test_zero2_zero3_match_one_process_and_resume_matches(runs):
     _, out, logs = runs
     assert "1 process(es), NO, fp32, grad_accum 4, global batch 16" in logs["single"]
     assert "2 process(es), DEEPSPEED ZeRO-2, fp32, grad_accum 2, global batch 16" in logs["zero2"]
-    assert "2 process(es), DEEPSPEED ZeRO-3, fp32, grad_accum 2, global batch 16" in logs["zero3.stop"]
+    assert "2 process(es), DEEPSPEED ZeRO-3 (built partitioned), fp32, grad_accum 2, global batch 16" in logs["zero3.stop"]
     assert "stopped at step 5 of 6" in logs["zero3.stop"] and "steps 4 -> 6" in logs["zero3"]
 
     rows = {name: read_log(out[name]) for name in out}

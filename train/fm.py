@@ -53,6 +53,7 @@ from ..shards.writer import shard_urls
 from .export import check_export, consolidated_state_dict, zero_stage
 from .loop import (CSVLog, TensorBoardLog, cosine_lr, finish, load_latest_checkpoint, make_accelerator,
                    save_checkpoint, set_lr)
+from .partitioned import model_init_context
 from .throughput import TrainingFlops, peak_flops, peak_memory_gib
 
 
@@ -100,8 +101,10 @@ DATA_KEYS = ("seed", "batch_size", "grad_accum", "num_workers", "shuffle", "data
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings (dim >= 2), none on norms and biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    def ndim(p):   # ZeRO-3 partitioned parameters are flat; ds_shape is the full shape
+        return len(getattr(p, "ds_shape", p.shape))
+    decay = [p for p in model.parameters() if p.requires_grad and ndim(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and ndim(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -209,7 +212,10 @@ def main(argv=None) -> None:
     table = ModalityTable.from_manifest(args.data)
     urls = shard_urls(args.data)
     set_seed(cfg.seed)  # same initial weights on every rank
-    model = FourM(cfg.model, table)
+    init_context = model_init_context(accelerator)   # ZeRO-3: built partitioned (train/partitioned.py)
+    partitioned = not isinstance(init_context, contextlib.nullcontext)
+    with init_context:
+        model = FourM(cfg.model, table)
     flops = TrainingFlops(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -238,7 +244,8 @@ def main(argv=None) -> None:
     if main_proc:
         n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in accelerator.unwrap_model(model).parameters())
         print(f"omnisky.train.fm: {n_params / 1e6:.2f}M parameters, {world} process(es), "
-              f"{accelerator.distributed_type.value}{f' ZeRO-{stage}' if use_ds else ''}, "
+              f"{accelerator.distributed_type.value}{f' ZeRO-{stage}' if use_ds else ''}"
+              f"{' (built partitioned)' if partitioned else ''}, "
               f"{'bf16 autocast' if bf16 else 'fp32'}, grad_accum {cfg.grad_accum}, "
               f"global batch {cfg.batch_size * cfg.grad_accum * world}, steps {start_step} -> {cfg.steps}",
               flush=True)

@@ -14,6 +14,11 @@ For one object (which holds only some modalities):
    `max_input_tokens[key]`). Budget a modality cannot use is not moved elsewhere: it
    becomes padding (which costs no compute, see fm.packing), so sometimes an object is
    seen only through, say, its redshift.
+   With probability `whole_modality_prob` an object is masked as the tasks use the model
+   instead: its inputs are whole modalities (a random number k in [1, M - 1] of its M
+   modalities, in random order, each taken whole, i.e. up to its `max_input_tokens`, where
+   it still fits in the budget), as in translation (all of image.des given) or a posterior
+   (image + fluxes given). Those modalities then get no targets.
 2. Target shares come from a second Dirichlet (`target_alphas`). Each modality first
    gets its `min_target_tokens[key]` of the tokens not chosen as inputs, then the rest
    of `target_budget` is filled from those tokens, moving budget a modality cannot use
@@ -50,6 +55,7 @@ class MaskingConfig:
     max_target_tokens: dict[str, int] = field(default_factory=dict)
     min_input_tokens: dict[str, int] = field(default_factory=dict)   # per-modality floors
     min_target_tokens: dict[str, int] = field(default_factory=dict)
+    whole_modality_prob: float = 0.0     # share of objects whose inputs are whole modalities
     seed: int = 0                        # base seed of the masking RNG in the data workers
 
     def __post_init__(self):
@@ -67,6 +73,8 @@ class MaskingConfig:
             if sum(lo.values()) > budget:
                 raise ValueError(f"MaskingConfig.min_{side}_tokens sum to {sum(lo.values())}, "
                                  f"more than the {side}_budget {budget}")
+        if not 0.0 <= self.whole_modality_prob <= 1.0:
+            raise ValueError(f"MaskingConfig.whole_modality_prob must be in [0, 1], got {self.whole_modality_prob}")
         for name in ("input_alphas", "target_alphas"):
             alphas = tuple(getattr(self, name))
             if not alphas or any(a <= 0 for a in alphas):
@@ -96,6 +104,20 @@ def _fill(budget: int, weights: np.ndarray, room: np.ndarray, rng: np.random.Gen
         room -= draw
         budget -= int(draw.sum())
     return counts
+
+
+def _whole_inputs(budget: int, floor: np.ndarray, cap: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Input counts per modality: the floors, then k in [1, M - 1] modalities in random
+    order each raised to its cap where that still fits in the budget (others are skipped)."""
+    n_in = floor.copy()
+    left = budget - int(floor.sum())
+    order = rng.permutation(len(cap))
+    for j in order[:rng.integers(1, len(cap))]:
+        extra = int(cap[j] - n_in[j])
+        if extra <= left:
+            n_in[j] += extra
+            left -= extra
+    return n_in
 
 
 def check_keys(cfg: MaskingConfig, table: ModalityTable) -> None:
@@ -140,9 +162,11 @@ def sample_masks(tokens: Mapping[str, np.ndarray], table: ModalityTable, cfg: Ma
     tgt_cap = np.array([cfg.max_target_tokens.get(k, table[k].n_tokens) for k in keys])
     in_min = np.minimum([cfg.min_input_tokens.get(k, 0) for k in keys], in_cap)
 
-    # inputs: the minimums, then a multinomial budget by Dirichlet shares, capped, no redistribution
-    p_in = _dirichlet(len(keys), cfg.input_alphas, rng)
-    n_in = np.minimum(in_min + rng.multinomial(cfg.input_budget - in_min.sum(), p_in), in_cap)
+    if len(keys) >= 2 and cfg.whole_modality_prob > 0 and rng.random() < cfg.whole_modality_prob:
+        n_in = _whole_inputs(cfg.input_budget, in_min, in_cap, rng)
+    else:   # the minimums, then a multinomial budget by Dirichlet shares, capped, no redistribution
+        p_in = _dirichlet(len(keys), cfg.input_alphas, rng)
+        n_in = np.minimum(in_min + rng.multinomial(cfg.input_budget - in_min.sum(), p_in), in_cap)
     if n_in.sum() == 0:                                   # keep at least one input token
         if not (in_cap > 0).any():
             raise ValueError(f"{where}: max_input_tokens allow no input token for {keys}")

@@ -142,8 +142,10 @@ class Pipeline:
                 temperature: float = 1.0, calibration: dict | None = None) -> dict[str, np.ndarray]:
         """Posterior of a one-token scalar from its bin probabilities, softmax(logits / T).
         `calibration` (from `generate.calibration.fit_calibration` on held-out objects) sets T
-        and maps the nominal levels 0.16 / 0.5 / 0.84 onto recalibrated ones; without it T =
-        `temperature` (1 = as trained) and the levels are nominal.
+        and maps the 68% interval's nominal levels 0.16 / 0.84 onto recalibrated ones; the
+        point estimate stays the tempered posterior's median (level 0.5: moving it by the
+        level map calibrates the CDF, not the estimate, and on multimodal posteriors it jumps
+        modes; a strongly biased posterior's interval may then exclude its median). Without it T = `temperature` (1 = as trained) and the levels are nominal.
 
         Returns {'median', 'lo68', 'hi68', 'mean'} arrays (B,) in the scalar's units and
         'probs' (B, n_bins), 'centres' (n_bins,), 'levels' (3,) the levels read."""
@@ -155,7 +157,7 @@ class Pipeline:
         probs = token_probabilities(self.model, inputs, target, 1, temperature)[:, 0].numpy()    # (B, V)
         edges = np.asarray(tok.bin_edges(name), dtype=np.float64)                     # (V+1,)
         centres = np.asarray(tok.bin_centres(name), dtype=np.float64)                 # (V,)
-        levels = np.array([model_level(q, calibration) for q in (0.16, 0.5, 0.84)])
+        levels = np.array([model_level(0.16, calibration), 0.5, model_level(0.84, calibration)])
         lo, median, hi = (bin_quantile(probs, edges, q) for q in levels)
         return dict(median=median, lo68=lo, hi68=hi, mean=probs @ centres, probs=probs, centres=centres,
                     levels=levels)

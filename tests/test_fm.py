@@ -103,9 +103,10 @@ def test_token_spaces_share_rows_and_check_their_shapes():
 
 
 # -- masking ----------------------------------------------------------------------------
-def test_masking_invariants():
+@pytest.mark.parametrize("whole", [0.0, 0.5])
+def test_masking_invariants(whole):
     table, rng = tiny_table(), np.random.default_rng(0)
-    cfg = MaskingConfig(input_budget=20, target_budget=14, max_input_tokens={"image.a": 5})
+    cfg = MaskingConfig(input_budget=20, target_budget=14, max_input_tokens={"image.a": 5}, whole_modality_prob=whole)
     for trial in range(300):
         tokens = structured_tokens(trial % 16)
         have = [k for k in TINY if rng.random() < 0.6]
@@ -174,6 +175,30 @@ def test_masking_min_tokens_and_dirichlet_alphas():
         MaskingConfig(20, 14, min_target_tokens={"image.a": 6}, max_target_tokens={"image.a": 5})
     with pytest.raises(ValueError, match=r"min_input_tokens: unknown modalities \['image.zzz'\]"):
         sample_masks(structured_tokens(0), table, MaskingConfig(20, 14, min_input_tokens={"image.zzz": 1}), rng)
+
+
+def test_whole_modality_masking_gives_whole_modalities_as_inputs():
+    """whole_modality_prob=1: each modality is an input whole (up to its cap) or not at all,
+    at least one and never all of the object's modalities; the inputs get no targets; over
+    many objects every number of input modalities from 1 to M - 1 occurs."""
+    table, rng = tiny_table(), np.random.default_rng(3)
+    cfg = MaskingConfig(input_budget=20, target_budget=14, max_input_tokens={"image.a": 5}, whole_modality_prob=1.0)
+    n_inputs = set()
+    for trial in range(300):
+        have = [k for k in TINY if rng.random() < 0.7]
+        have = have if len(have) >= 2 else ["image.a", "scalar.z"]
+        m = sample_masks({k: structured_tokens(trial % 16)[k] for k in have}, table, cfg, rng)
+        n_enc = {k: int(((m["enc_mod"] == table.index(k)) & ~m["enc_pad"]).sum()) for k in have}
+        n_dec = {k: int(((m["dec_mod"] == table.index(k)) & ~m["dec_pad"]).sum()) for k in have}
+        whole = {k: cfg.max_input_tokens.get(k, TINY[k][1]) for k in have}
+        assert all(n_enc[k] in (0, whole[k]) for k in have), (n_enc, whole)
+        used = [k for k in have if n_enc[k]]
+        assert 1 <= len(used) < len(have) and sum(n_enc.values()) <= 20
+        assert all(n_dec[k] == 0 for k in used if whole[k] == TINY[k][1])      # a whole input has no targets left
+        n_inputs.add(len(used))
+    assert n_inputs == {1, 2, 3}, n_inputs
+    with pytest.raises(ValueError, match="whole_modality_prob must be in"):
+        MaskingConfig(20, 14, whole_modality_prob=1.5)
 
 
 def test_masking_rejects_bad_objects():

@@ -21,6 +21,14 @@ token-grid cell, or the same ln-lambda bin), which gives translation and
 super-resolution their alignment for free. The modality embedding still tells them
 apart, and every modality keeps its own output head. A modality's space defaults to its
 own key (nothing shared), which is also how tables saved without spaces load.
+
+Sky geometry. A grid-like image modality states `cell_arcsec`, the side of one token
+cell on the sky (the tokenizer's downsample x the survey's pixel scale; omnisky-tokenize
+writes it). The FM then adds to a token's learned position row an encoding of its
+cell's offset from the stamp centre in arcsec, so a DES-like cell (1.05") and the
+HSC-like cells (0.67") covering the same patch of sky share that part of their position
+vectors, whatever the two grids (fm.model `sky_positions`). 0 = no sky geometry
+(spectra, scalars, old tables).
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ class ModalitySpec:
     vocab_size: int  # local ids are in [0, vocab_size)
     n_tokens: int    # tokens per object
     token_space: str = ""   # modalities naming the same space share embeddings ("" = the key)
+    cell_arcsec: float = 0.0   # side of a token cell on the sky, for square token grids (0 = none)
 
     def __post_init__(self):
         if not self.token_space:
@@ -45,6 +54,14 @@ class ModalitySpec:
         if int(self.vocab_size) < 1 or int(self.n_tokens) < 1:
             raise ValueError(f"modality {self.key!r}: vocab_size and n_tokens must be >= 1, "
                              f"got {self.vocab_size}, {self.n_tokens}")
+        if self.cell_arcsec < 0 or (self.cell_arcsec > 0 and round(self.n_tokens ** 0.5) ** 2 != self.n_tokens):
+            raise ValueError(f"modality {self.key!r}: cell_arcsec {self.cell_arcsec} needs a square token grid "
+                             f"and a size >= 0 (n_tokens {self.n_tokens})")
+
+    @property
+    def grid_side(self) -> int:
+        """Token-grid side of a sky modality (0 without sky geometry)."""
+        return round(self.n_tokens ** 0.5) if self.cell_arcsec > 0 else 0
 
     @property
     def kind(self) -> str:
@@ -132,11 +149,13 @@ class ModalityTable:
             missing = [f for f in ("vocab_size", "n_tokens") if f not in d]
             if missing:
                 raise ValueError(f"modality {key!r}: missing {missing} in {dict(d)}")
-            specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"]), str(d.get("token_space", ""))))
+            specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"]), str(d.get("token_space", "")),
+                                      float(d.get("cell_arcsec", 0.0))))
         return cls(specs)
 
     def to_dict(self) -> dict[str, dict]:
-        return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens, "token_space": s.token_space}
+        return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens, "token_space": s.token_space,
+                        **({"cell_arcsec": s.cell_arcsec} if s.cell_arcsec > 0 else {})}
                 for s in self.specs}
 
     @classmethod

@@ -102,6 +102,33 @@ def test_token_spaces_share_rows_and_check_their_shapes():
     assert [h.out_features for h in model.heads] == [spec.vocab_size for spec in table]
 
 
+def test_sky_positions_place_image_tokens_by_their_offset_on_the_sky():
+    """3x3 cells of 1" (centres at -1, 0, 1") and 9x9 cells of 0.25" (-1, -0.75, ..., 1"):
+    coarse cell (r, c) and fine cell (4r, 4c) have one sky offset, so one sky part of
+    their position vectors (added to each modality's learned row);
+    neighbouring cells differ; a scalar (no cell_arcsec) keeps its learned row, and with
+    sky_positions off every modality does. The table round-trips cell_arcsec."""
+    table = ModalityTable.from_dict({"image.a": {"vocab_size": 16, "n_tokens": 9, "cell_arcsec": 1.0},
+                                     "image.b": {"vocab_size": 16, "n_tokens": 81, "cell_arcsec": 0.25},
+                                     "scalar.z": {"vocab_size": 8, "n_tokens": 1}})
+    assert ModalityTable.from_dict(table.to_dict()) == table and table["image.b"].grid_side == 9
+    torch.manual_seed(0)
+    model = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table)
+    a, b, z = (table.index(k) for k in ("image.a", "image.b", "scalar.z"))
+    coarse = torch.arange(9)
+    fine = (coarse // 3) * 4 * 9 + (coarse % 3) * 4
+    learned = lambda m, pos: model.pos_emb(pos + table.position_offset(m))            # noqa: E731
+    pa = model._positions(torch.full((9,), a), coarse) - learned("image.a", coarse)     # the sky part
+    pb = model._positions(torch.full((9,), b), fine) - learned("image.b", fine)
+    assert torch.allclose(pa, pb, atol=1e-6) and not torch.allclose(pa[0], pa[1])
+    pz = model._positions(torch.tensor([z]), torch.tensor([0]))
+    assert torch.equal(pz, model.pos_emb(torch.tensor([table.position_offset("scalar.z")])))
+    off = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2, sky_positions=False), table)
+    assert not off.sky and not hasattr(off, "sky_pos")
+    with pytest.raises(ValueError, match="needs a square token grid"):
+        ModalityTable.from_dict({"image.a": {"vocab_size": 4, "n_tokens": 12, "cell_arcsec": 1.0}})
+
+
 # -- masking ----------------------------------------------------------------------------
 @pytest.mark.parametrize("whole", [0.0, 0.5])
 def test_masking_invariants(whole):

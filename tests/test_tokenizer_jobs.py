@@ -235,7 +235,8 @@ def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path
     tokenized = [k for k in keys if HAS_SPECTRUM or not k.startswith("spectrum.")]
     assert sorted(m1["modalities"]) == tokenized
     assert m1["modalities"]["image.hsc"] == dict(kind="image", vocab_size=1000, n_tokens=64, tokenizer="image",
-                                                token_space="image")
+                                                token_space="image", cell_arcsec=pytest.approx(0.168 * 4))
+    assert m1["modalities"]["image.des"]["cell_arcsec"] == pytest.approx(0.262 * 4)      # 8x8 cells of 4 pixels
     assert m1["modalities"]["scalar.redshift"] == dict(kind="scalar", vocab_size=8, n_tokens=1, tokenizer="scalar",
                                                       token_space="scalar.redshift")
     assert m1["summary"]["failed"] == 0 and m1["total"] == len(raw)

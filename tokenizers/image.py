@@ -158,6 +158,10 @@ class ImageTokenizer(Tokenizer):
     def n_tokens(self) -> int:
         return self.grid * self.grid
 
+    def cell_arcsec(self, record) -> float:
+        """Side of one token cell on the sky for this record's pixel scale (arcsec)."""
+        return float(record.pixel_scale) * self.config.size / self.grid
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

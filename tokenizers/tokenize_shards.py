@@ -12,7 +12,8 @@ so the output is byte-identical for any K.
 Each token sample is `codec.encode_tokens(object_id, {key: int32 (n,)},
 meta={'params': ..., 'present': [keys]})`. Modalities with no tokenizer are skipped and
 counted; an object with a bad record is skipped with a warning naming it and counted.
-The manifest's `modalities` ({key: {kind, vocab_size, n_tokens, tokenizer, token_space}}) is
+The manifest's `modalities` ({key: {kind, vocab_size, n_tokens, tokenizer, token_space,
+[cell_arcsec]}}, the last for images: the token cell's side on the sky) is
 what the FM builds its modality table from; `token_space` names the tokenizer for
 modalities whose ids mean the same thing (image.des and image.hsc), else the key itself.
 """
@@ -104,7 +105,7 @@ def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: 
     samples = list(stream([url], decode="raw", shuffle=0, split=False, stats=stats))
     keys = sorted({k for s in samples for k in s.records})
     failed: dict[str, str] = {}
-    encoded, skipped = {}, Counter()
+    encoded, skipped, cells = {}, Counter(), {}
     with torch.no_grad():
         for key in keys:
             tok = tokenizer_for(_TOKENIZERS, key)
@@ -112,6 +113,8 @@ def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: 
                 skipped[key] = sum(key in s.records for s in samples)
                 continue
             encoded[key] = _encode_modality(tok, key, samples, batch_size, failed)
+            if hasattr(tok, "cell_arcsec") and encoded[key]:
+                cells[key] = [tok.cell_arcsec(s.records[key]) for s in samples if s.object_id in encoded[key]]
     tmp = Path(out_dir) / f".tmp-{index:06d}"
     writer = ShardWriter(tmp, prefix=prefix, max_count=len(samples) + 1, kind="tokens",
                          start_index=index)
@@ -132,7 +135,7 @@ def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: 
         shutil.move(str(tmp / entry["name"]), str(Path(out_dir) / entry["name"]))
         entries.append(entry)
     shutil.rmtree(tmp)
-    return dict(url=url, shards=entries, n_in=len(samples), counts=dict(counts),
+    return dict(url=url, shards=entries, n_in=len(samples), counts=dict(counts), cells=cells,
                 skipped_no_tokenizer=dict(skipped), failed=failed, no_tokens=n_empty, read=stats)
 
 
@@ -172,6 +175,12 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
         modalities[key] = dict(kind=tok.kind, vocab_size=tok.vocab_size, n_tokens=tok.n_tokens,
                                tokenizer=modality_kind(key),
                                token_space=modality_kind(key) if tok.shared_vocabulary else key)
+        cells = [c for r in results for c in r["cells"].get(key, [])]
+        if cells:   # the FM's sky positions (fm.modality); one survey's stamps share a pixel scale
+            modalities[key]["cell_arcsec"] = round(float(np.median(cells)), 6)
+            if np.ptp(cells) > 0.01 * np.median(cells):
+                warnings.warn(f"omnisky-tokenize: {key}: token cells of {min(cells):.4g}-{max(cells):.4g} arcsec "
+                              f"(pixel scales differ); the FM places them all at the median {np.median(cells):.4g}")
     writer = ShardWriter(out, prefix=prefix, kind="tokens")
     writer.shards = [e for r in results for e in r["shards"]]
     writer.summary = dict(objects_in=sum(r["n_in"] for r in results),

@@ -87,7 +87,9 @@ def main(argv=None) -> dict:
                    help="held-out objects the redshift posterior is scored on (cheap: one forward pass)")
     p.add_argument("--n-calibration", type=int, default=CALIBRATION_OBJECTS,
                    help="held-out objects after those, to calibrate the redshift posterior on")
-    p.add_argument("--n-train", type=int, default=600, help="training objects for the baselines and the probe")
+    p.add_argument("--n-train", type=int, default=600, help="training objects for the image baselines")
+    p.add_argument("--n-train-redshift", type=int, default=0,
+                   help="training objects whose labels gradient boosting and the probe get (0 = all, as the FM)")
     p.add_argument("--sdss", default="auto", help="SDSS catalog FITS ('auto': the shared data; 'none': skip)")
     p.add_argument("--sdss-steps", type=int, default=2000, help="FM steps on the SDSS catalog")
     p.add_argument("--sdss-rows", type=int, default=0, help="use only this many catalog rows (0 = all)")
@@ -116,7 +118,8 @@ def main(argv=None) -> dict:
     res["conditional"] = evaluate_conditional(
         pipe, load_samples(args.data, n, ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES), figdir, seed, **sched)
     zs = load_samples(args.data, args.n_redshift + args.n_calibration, ["image.des", "scalar.redshift"] + FLUXES)
-    res["redshift"] = evaluate_redshift(pipe, *heldout_split(zs, args.n_redshift), train, seed)
+    z_train = load_samples(args.train_data, args.n_train_redshift or 10 ** 9, ["image.des", "scalar.redshift"] + FLUXES)
+    res["redshift"] = evaluate_redshift(pipe, *heldout_split(zs, args.n_redshift), z_train, seed)
     res["calibration_coverage68"] = res["redshift"]["coverage68"]
     sdss = default_sdss_catalog() if args.sdss == "auto" else (None if args.sdss == "none" else Path(args.sdss))
     if sdss is not None:

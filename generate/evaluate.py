@@ -17,10 +17,11 @@ without the model. Used by `omnisky-generate report` (markdown) and `bench/eval.
   in units of that measurement's noise (its scatter on the real observations); the real
   observation's own figures are given beside as the reference;
 - redshift (scalar.redshift | image.des + fluxes): sigma_NMAD, outlier fraction, bias of
-  the posterior median, and the 68% interval's coverage, of the posterior calibrated by a
-  temperature fitted on held-out calibration objects (and uncalibrated, `*_t1`); gradient
-  boosting on the same fluxes with the same labels; with 1% of the labels: a linear probe on embeddings
-  beside gradient boosting on those labels;
+  the posterior median, and the 68% interval's coverage, of the posterior calibrated on
+  held-out calibration objects (and uncalibrated, `*_t1`); gradient boosting on the same
+  fluxes with the training objects' labels (the report and bench/eval.py give it every
+  training redshift, as the FM had); with 1% of those labels: a linear probe on embeddings
+  beside gradient boosting on the same few labels;
 - real SDSS catalog: a scalar tokenizer and a small FM trained on a split of the catalog
   against gradient boosting on the other split.
 """

@@ -31,7 +31,7 @@ def write_report(pipe, args) -> dict:
         superres=evaluate_superres(pipe, load_samples(args.data, n, ["spectrum.sdss", "spectrum.desi"]), figdir, args.seed),
         conditional=evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, args.seed),
         redshift=evaluate_redshift(pipe, *heldout_split(load_samples(args.data, nz + CALIBRATION_OBJECTS, z_need), nz),
-                                   train),
+                                   load_samples(args.train_data, 10 ** 9, z_need) if args.train_data else []),
     )
     results["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(results, indent=1))

@@ -35,34 +35,44 @@ TEMPERATURES = np.geomspace(0.2, 5.0, 65)     # 5% steps in T
 LEVELS = np.linspace(0.0, 1.0, 101)           # nominal levels at which the level map is stored
 
 
-def fit_temperature(pipe, samples: Sequence, given: Sequence[str], target: str,
-                    grid: np.ndarray = TEMPERATURES) -> dict:
-    """{'temperature': T, 'nll': at T, 'nll_t1': at T = 1, 'n': objects} for the objects of
-    `samples` that hold `target` (their true bin is the tokenizer's encoding of it)."""
+def _calibration_logits(pipe, samples: Sequence, given: Sequence[str], target: str):
+    """(objects holding `target`, their true bins (N,), the target's log-probabilities at
+    T = 1 (N, V) in float64): one forward pass, shared by both fits."""
     have = [s for s in samples if target in s.records]
     if len(have) < 10:
         raise ValueError(f"fit_temperature: {len(have)} calibration objects hold {target!r}; need >= 10")
     truth = pipe.tokenizer(target).encode([s.records[target] for s in have])[:, 0].long()     # (N,)
     with torch.no_grad():
         logp = token_probabilities(pipe.model, pipe.tokenize(have, given), target, 1)[:, 0].clamp_min(1e-30).log()
-    logits = logp.double()                                                                  # (N, V), up to a constant
+    return have, truth, logp.double()
+
+
+def _temperature(logits: torch.Tensor, truth: torch.Tensor, n: int, grid: np.ndarray) -> dict:
     nll = np.array([float(-(logits / t).log_softmax(-1).gather(1, truth[:, None]).mean()) for t in grid])
     best = int(np.argmin(nll))
     return dict(temperature=float(grid[best]), nll=float(nll[best]),
-                nll_t1=float(-logits.log_softmax(-1).gather(1, truth[:, None]).mean()), n=len(have))
+                nll_t1=float(-logits.log_softmax(-1).gather(1, truth[:, None]).mean()), n=n)
+
+
+def fit_temperature(pipe, samples: Sequence, given: Sequence[str], target: str,
+                    grid: np.ndarray = TEMPERATURES) -> dict:
+    """{'temperature': T, 'nll': at T, 'nll_t1': at T = 1, 'n': objects} for the objects of
+    `samples` that hold `target` (their true bin is the tokenizer's encoding of it)."""
+    have, truth, logits = _calibration_logits(pipe, samples, given, target)
+    return _temperature(logits, truth, len(have), grid)
 
 
 def fit_calibration(pipe, samples: Sequence, given: Sequence[str], target: str) -> dict:
     """fit_temperature's dict plus 'pit_quantiles' (101,): the quantiles at LEVELS of the
     calibration objects' PIT values under the tempered posterior (ends pinned to 0 and 1),
-    and 'coverage68_calibration' before / after the level map. JSON-serialisable; give it
-    to `Pipeline.predict(..., calibration=)`."""
-    fit = fit_temperature(pipe, samples, given, target)
-    have = [s for s in samples if target in s.records]
-    post = pipe.predict(have, given, target, temperature=fit["temperature"])
+    and 'coverage68_calibration' (on the calibration objects themselves) before / after the
+    level map. JSON-serialisable; give it to `Pipeline.predict(..., calibration=)`."""
+    have, truth_bins, logits = _calibration_logits(pipe, samples, given, target)
+    fit = _temperature(logits, truth_bins, len(have), TEMPERATURES)
+    probs = (logits / fit["temperature"]).softmax(-1).numpy()                             # (N, V)
     truth = np.array([s.records[target].value for s in have], np.float64)
     edges = np.asarray(pipe.tokenizer(target).bin_edges(target.split(".", 1)[1]), np.float64)
-    u = bin_pit(post["probs"], edges, truth)                                                # (N,)
+    u = bin_pit(probs, edges, truth)                                                       # (N,)
     pq = np.quantile(u, LEVELS)
     pq[0], pq[-1] = 0.0, 1.0
     inside = (u >= np.quantile(u, 0.16)) & (u <= np.quantile(u, 0.84))

@@ -4,7 +4,7 @@ posteriors and embeddings from the command line.
     omnisky-generate translate --fm FM_DIR --tokenizers TOK_DIR --data RAW_SHARDS --out OUT
     omnisky-generate superres  --fm ... --data ... --out ...
     omnisky-generate sample    --fm ... --given scalar.redshift scalar.flux_g --target image.hsc
-    omnisky-generate calibrate --fm ... --data HELDOUT --n 128 --target scalar.redshift --out cal
+    omnisky-generate calibrate --fm ... --data HELDOUT --n 400 --target scalar.redshift --out cal
     omnisky-generate predict   --fm ... --given image.des --target scalar.redshift --calibration cal/calibration.json
     omnisky-generate embed     --fm ... --given image.des --neighbours 5 --probe scalar.redshift
     omnisky-generate sample    --fm ... --given image.des --target spectrum.desi image.hsc   (chained)

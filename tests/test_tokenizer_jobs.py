@@ -255,6 +255,27 @@ def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path
     assert out[0][2]["params"] == raw[0].params and out[0][2]["present"] == sorted(out[0][1])
 
 
+def test_tokenize_augment_writes_turned_copies(tokdir, sky, tmp_path):
+    from omnisky.shards.augment import dihedral
+    from omnisky.tokenizers.tokenize_shards import tokenize
+    m = tokenize(sky, tokdir, tmp_path / "aug", batch_size=8, augment=2)
+    raw = list(stream(shard_urls(sky), decode="raw"))
+    out = list(stream(shard_urls(tmp_path / "aug"), decode="tokens"))
+    assert m["total"] == 2 * len(raw) and m["augment"] == ["identity", "rot90"]
+    assert m["summary"]["objects_in"] == len(raw)
+    first = raw[:16]                                                  # the first raw shard
+    assert [o[0] for o in out[:32]] == [s.object_id for s in first] + [f"{s.object_id}~rot90" for s in first]
+    image = load_tokenizer(tokdir / "image")
+    s = next(x for x in first if "image.hsc" in x.records)
+    i = [s_.object_id for s_ in first].index(s.object_id)
+    plain, turned = out[i][1], out[16 + i][1]
+    assert np.array_equal(turned["image.hsc"], image.encode([dihedral(s, "rot90").records["image.hsc"]])[0].numpy())
+    assert not np.array_equal(turned["image.hsc"], plain["image.hsc"])
+    assert np.array_equal(turned["scalar.redshift"], plain["scalar.redshift"])
+    with pytest.raises(ValueError, match="--augment must be 1..8"):
+        tokenize(sky, tokdir, tmp_path / "bad", augment=9)
+
+
 def test_tokenize_skips_and_counts_a_bad_object(tokdir, sky, tmp_path):
     from omnisky.tokenizers.tokenize_shards import tokenize
     raw = list(stream(shard_urls(sky), decode="raw"))[:6]

@@ -1,13 +1,19 @@
 """omnisky-tokenize: raw shards -> token shards, one token shard per raw shard.
 
     omnisky-tokenize --raw demo_out/raw --tokenizers demo_out/tokenizers --out demo_out/tokens \\
-                     [--workers 2] [--batch-size 64]
+                     [--workers 2] [--batch-size 64] [--augment 8]
 
 TOKDIR holds saved tokenizers in `image/`, `spectrum/`, `scalar/` (any may be missing);
 a modality key's kind picks its tokenizer. Raw shard i becomes token shard i with the
 objects in the same order; a pool of `--workers` processes takes whole shards, and each
 shard is encoded the same way whatever the pool size (one torch thread, fixed batches),
 so the output is byte-identical for any K.
+
+`--augment K` (training shards only) writes each object K times, with its images turned
+by the first K of the eight dihedral transforms (`shards.augment`: identity, rotations,
+mirrors; all of an object's surveys alike, spectra and scalars unchanged); a shard holds
+all objects' identity copies first, then all rot90 copies, and so on, so the copies of one
+object lie a shard's length apart in the stream.
 
 Each token sample is `codec.encode_tokens(object_id, {key: int32 (n,)},
 meta={'params': ..., 'present': [keys]})`. Modalities with no tokenizer are skipped and
@@ -32,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..shards.augment import DIHEDRAL, dihedral
 from ..shards.codec import encode_tokens
 from ..shards.reader import StreamStats, stream
 from ..shards.schema import RecordError, modality_kind
@@ -99,10 +106,12 @@ def _encode_modality(tok: Tokenizer, key: str, samples: list, batch_size: int,
     return out
 
 
-def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: int) -> dict:
+def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: int, augment: int = 1) -> dict:
     """Encode one raw shard into out_dir/<prefix>-<index>.tar; returns its entry and counts."""
     stats = StreamStats()                     # a corrupt shard or sample: skipped, warned, counted
     samples = list(stream([url], decode="raw", shuffle=0, split=False, stats=stats))
+    n_in = len(samples)
+    samples = [dihedral(s, name) for name in DIHEDRAL[:augment] for s in samples]   # transform-major
     keys = sorted({k for s in samples for k in s.records})
     failed: dict[str, str] = {}
     encoded, skipped, cells = {}, Counter(), {}
@@ -135,20 +144,22 @@ def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: 
         shutil.move(str(tmp / entry["name"]), str(Path(out_dir) / entry["name"]))
         entries.append(entry)
     shutil.rmtree(tmp)
-    return dict(url=url, shards=entries, n_in=len(samples), counts=dict(counts), cells=cells,
+    return dict(url=url, shards=entries, n_in=n_in, counts=dict(counts), cells=cells,
                 skipped_no_tokenizer=dict(skipped), failed=failed, no_tokens=n_empty, read=stats)
 
 
 def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int = 1,
-             batch_size: int = 64) -> dict:
-    """Tokenize every shard of `raw` into `out`; returns the manifest."""
+             batch_size: int = 64, augment: int = 1) -> dict:
+    """Tokenize every shard of `raw` into `out` (each object `augment` times); returns the manifest."""
+    if not 1 <= augment <= len(DIHEDRAL):
+        raise ValueError(f"omnisky-tokenize: --augment must be 1..{len(DIHEDRAL)} dihedral copies, got {augment}")
     raw, tokdir, out = Path(raw), Path(tokdir), Path(out)
     urls = shard_urls(raw)
     prefix = read_manifest(raw).get("prefix", "shard")
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.tar"):  # a stale shard from an earlier run must not be streamed
         old.unlink()
-    args = [(u, str(out), prefix, i, batch_size) for i, u in enumerate(urls)]
+    args = [(u, str(out), prefix, i, batch_size, augment) for i, u in enumerate(urls)]
     if workers <= 1:
         threads = torch.get_num_threads()
         try:
@@ -191,6 +202,7 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
                           corrupt_samples=read.n_corrupt_samples)
     return writer.close(extra=dict(
         modalities=modalities, counts=dict(sorted(counts.items())), raw=str(raw.resolve()),
+        augment=list(DIHEDRAL[:augment]),
         tokenizers={k: str((tokdir / k).resolve()) for k in sorted(tokenizers)}))
 
 
@@ -201,9 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output directory for token shards")
     p.add_argument("--workers", type=int, default=1, help="processes, each taking whole shards")
     p.add_argument("--batch-size", type=int, default=64, help="records per encode call")
+    p.add_argument("--augment", type=int, default=1,
+                   help="write each object K times, images under the first K of the 8 rotations/mirrors (training shards)")
     a = p.parse_args(argv)
     t0 = time.time()
-    m = tokenize(a.raw, a.tokenizers, a.out, workers=a.workers, batch_size=a.batch_size)
+    m = tokenize(a.raw, a.tokenizers, a.out, workers=a.workers, batch_size=a.batch_size, augment=a.augment)
     s = m["summary"]
     print(f"omnisky-tokenize: {m['total']} objects in {len(m['shards'])} shard(s) -> {a.out} "
           f"in {time.time() - t0:.1f}s; tokens per modality {m['counts']}; "

@@ -37,8 +37,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-AION_LIKE = {"image.hsc": (4375, 576), "spectrum.desi": (1024, 273),
-             **{f"scalar.{n}": (1024, 1) for n in ("flux_g", "flux_r", "flux_i", "flux_z", "redshift")}}
 GIB = 2 ** 30
 
 
@@ -77,9 +75,10 @@ def worker(args) -> None:
 
     from omnisky.fm.data import collate
     from omnisky.fm.masking import MaskingConfig, sample_masks
-    from omnisky.fm.modality import ModalityTable
     from omnisky.fm.model import FMConfig, FourM
     from omnisky.train.fm import make_optimizer
+
+    from aion_like import AION_LIKE, aion_like_table
     from omnisky.train.loop import finish, make_accelerator
     from omnisky.train.partitioned import model_init_context
 
@@ -102,7 +101,7 @@ def worker(args) -> None:
     from transformers.integrations import deepspeed as hf_deepspeed  # noqa: F401
     base = rss_now()
 
-    table = ModalityTable.from_dict({k: {"vocab_size": v, "n_tokens": n} for k, (v, n) in AION_LIKE.items()})
+    table = aion_like_table()
     torch.manual_seed(0)
     with model_init_context(accelerator):      # deepspeed.zero.Init when zero3_init_flag is on
         model = FourM(FMConfig(dim=args.dim, enc_depth=args.depth, dec_depth=args.depth, heads=args.dim // 64), table)

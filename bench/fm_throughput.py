@@ -53,8 +53,8 @@ from omnisky.fm.modality import ModalityTable
 from omnisky.fm.model import FMConfig, FourM
 from omnisky.train.throughput import TrainingFlops, peak_flops
 
-AION_LIKE = {"image.hsc": (4375, 576), "spectrum.desi": (1024, 273),
-             **{f"scalar.{n}": (1024, 1) for n in ("flux_g", "flux_r", "flux_i", "flux_z", "redshift")}}
+from aion_like import AION_LIKE, aion_like_table
+
 PEER = Path(__file__).resolve().parent / "peers" / "aion_fm.py"
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}   # torch.optim.AdamW
 
@@ -179,7 +179,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
                                          and torch.cuda.is_bf16_supported())
-    table = ModalityTable.from_dict({k: {"vocab_size": v, "n_tokens": n} for k, (v, n) in AION_LIKE.items()})
+    table = aion_like_table()
     masking = MaskingConfig(args.enc, args.dec, input_alphas=(5.0,), target_alphas=(5.0,))
     data = make_batches(table, masking, args.batch, min(args.warmup + args.steps, 8))
 

@@ -29,10 +29,16 @@ cell's offset from the stamp centre in arcsec, so a DES-like cell (1.05") and th
 HSC-like cells (0.67") covering the same patch of sky share that part of their position
 vectors, whatever the two grids (fm.model `sky_positions`). 0 = no sky geometry
 (spectra, scalars, old tables).
+
+Code geometry. A modality whose ids lie on a grid of codes states `code_levels`: the FSQ
+levels of the image and spectrum tokenizers, (n_bins,) for a scalar's ordered bins
+(`Tokenizer.code_levels`, written by omnisky-tokenize). The FM then places each id by its
+coordinates on that grid as well as by its own learned row (fm.codes). () = none.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -45,10 +51,15 @@ class ModalitySpec:
     n_tokens: int    # tokens per object
     token_space: str = ""   # modalities naming the same space share embeddings ("" = the key)
     cell_arcsec: float = 0.0   # side of a token cell on the sky, for square token grids (0 = none)
+    code_levels: tuple[int, ...] = ()   # the ids' grid of codes, axis 0 fastest (() = none; fm.codes)
 
     def __post_init__(self):
         if not self.token_space:
             object.__setattr__(self, "token_space", self.key)
+        object.__setattr__(self, "code_levels", tuple(int(l) for l in self.code_levels))
+        if self.code_levels and (math.prod(self.code_levels) != int(self.vocab_size) or min(self.code_levels) < 2):
+            raise ValueError(f"modality {self.key!r}: code_levels {self.code_levels} must be >= 2 each with "
+                             f"product vocab_size {self.vocab_size}")
         if not self.key or "." not in self.key:
             raise ValueError(f"modality key {self.key!r} must look like 'kind.name'")
         if int(self.vocab_size) < 1 or int(self.n_tokens) < 1:
@@ -82,17 +93,20 @@ class ModalityTable:
         self.keys = keys
         self._index = {k: i for i, k in enumerate(keys)}
         self.vocab_offsets, self.position_offsets = [], []
+        self.spaces: list[tuple[ModalitySpec, int]] = []        # (first spec, vocab offset) per token space
         spaces: dict[str, tuple[ModalitySpec, int, int]] = {}   # token space -> (first spec, offsets)
         v = p = 0
         for s in specs:
             if s.token_space in spaces:
                 first, sv, sp = spaces[s.token_space]
-                if (first.vocab_size, first.n_tokens) != (s.vocab_size, s.n_tokens):
+                if (first.vocab_size, first.n_tokens, first.code_levels) != (s.vocab_size, s.n_tokens, s.code_levels):
                     raise ValueError(f"modalities {first.key!r} and {s.key!r} share token space "
-                                     f"{s.token_space!r} but differ in vocab_size/n_tokens: "
-                                     f"{first.vocab_size}/{first.n_tokens} vs {s.vocab_size}/{s.n_tokens}")
+                                     f"{s.token_space!r} but differ in vocab_size/n_tokens/code_levels: "
+                                     f"{first.vocab_size}/{first.n_tokens}/{first.code_levels} vs "
+                                     f"{s.vocab_size}/{s.n_tokens}/{s.code_levels}")
             else:
                 spaces[s.token_space] = (s, v, p)
+                self.spaces.append((s, v))
                 v += s.vocab_size
                 p += s.n_tokens
             self.vocab_offsets.append(spaces[s.token_space][1])
@@ -150,12 +164,13 @@ class ModalityTable:
             if missing:
                 raise ValueError(f"modality {key!r}: missing {missing} in {dict(d)}")
             specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"]), str(d.get("token_space", "")),
-                                      float(d.get("cell_arcsec", 0.0))))
+                                      float(d.get("cell_arcsec", 0.0)), tuple(d.get("code_levels", ()))))
         return cls(specs)
 
     def to_dict(self) -> dict[str, dict]:
         return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens, "token_space": s.token_space,
-                        **({"cell_arcsec": s.cell_arcsec} if s.cell_arcsec > 0 else {})}
+                        **({"cell_arcsec": s.cell_arcsec} if s.cell_arcsec > 0 else {}),
+                        **({"code_levels": list(s.code_levels)} if s.code_levels else {})}
                 for s in self.specs}
 
     @classmethod
@@ -177,7 +192,8 @@ class ModalityTable:
         modalities a shared-vocabulary tokenizer serves share a token space named by its kind
         (one tokenizer per kind, as omnisky-tokenize and the Pipeline hold them)."""
         return cls([ModalitySpec(k, int(t.vocab_size), int(t.n_tokens),
-                                 t.kind if getattr(t, "shared_vocabulary", False) else k)
+                                 t.kind if getattr(t, "shared_vocabulary", False) else k,
+                                 code_levels=tuple(getattr(t, "code_levels", ())))
                     for k, t in tokenizers.items()])
 
     def to_json(self) -> str:

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import from_dict, to_dict
 from .attention import BACKENDS, get_attention
+from .codes import code_features
 from .modality import ModalityTable
 from .packing import Layout, trim
 
@@ -76,6 +77,8 @@ class FMConfig:
     checkpointing: bool = False  # activation checkpointing of every block when training
     sky_positions: bool = True   # image tokens also placed by their sky offset (arcsec) where
                                  # the table gives cell_arcsec, beside the cell index (fm.modality)
+    code_geometry: bool = True   # ids also embedded (and scored) by their place on the tokenizer's
+                                 # code grid where the table gives code_levels (fm.codes)
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -178,6 +181,22 @@ class FourM(nn.Module):
             self.register_buffer("grid_side", torch.tensor([max(spec.grid_side, 1) for spec in table]), persistent=False)
             self.register_buffer("sky_freqs", torch.tensor(SKY_FREQUENCIES), persistent=False)
             self.sky_pos = nn.Linear(4 * len(SKY_FREQUENCIES), D, bias=False)
+        self.code = config.code_geometry and any(spec.code_levels for spec, _ in table.spaces)
+        if self.code:   # one block of columns per token space with a code grid (fm.codes)
+            blocks, cols, c = [], {}, 0
+            for spec, offset in table.spaces:
+                if spec.code_levels:
+                    f = code_features(spec.code_levels)                                 # (V_s, P_s)
+                    blocks.append((offset, c, f))
+                    cols[spec.token_space] = (c, c + f.shape[1])
+                    c += f.shape[1]
+            feats = torch.zeros(table.total_vocab, c)                                   # (V_total, P)
+            for offset, c0, f in blocks:
+                feats[offset:offset + len(f), c0:c0 + f.shape[1]] = f
+            self.register_buffer("code_feats", feats, persistent=False)
+            self.code_cols = [cols.get(spec.token_space) for spec in table]              # per modality
+            self.code_in = nn.Linear(c, D, bias=False)      # features -> a term of the token embedding
+            self.code_out = nn.Linear(D, c, bias=False)     # hidden -> a term of each head's logits
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -221,8 +240,25 @@ class FourM(nn.Module):
         return learned + torch.where((cell > 0)[:, None], self.sky_pos(feats), 0.0)
 
     def _embed_tokens(self, ids, mod, pos):
-        """Gathered (budgeted) real tokens (T,) -> (T, D): token + modality + position."""
-        return self.tok_emb(ids + self.vocab_offsets[mod]) + self.mod_emb(mod) + self._positions(mod, pos)
+        """Gathered (budgeted) real tokens (T,) -> (T, D): token + modality + position. With
+        code geometry the token's term is its learned row plus a learned map of its code's
+        Fourier features (fm.codes)."""
+        rows = ids + self.vocab_offsets[mod]
+        tok = self.tok_emb(rows)
+        if self.code:
+            tok = tok + self.code_in(self.code_feats[rows])
+        return tok + self.mod_emb(mod) + self._positions(mod, pos)
+
+    def _head_logits(self, m: int, h: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """Modality m's logits (T_m, V_m) from hidden rows h (T_m, D): its head, plus with code
+        geometry g @ features^T, g = code_out(h) (T_m, P): the logit of code k gains a smooth
+        function of k's place on the grid, shared by the modalities of one token space."""
+        logits = self.heads[m](h)
+        cols = self.code_cols[m] if self.code else None
+        if cols is not None:
+            off, V = self.table.vocab_offsets[m], self.table.specs[m].vocab_size
+            logits = logits + g[..., cols[0]:cols[1]] @ self.code_feats[off:off + V, cols[0]:cols[1]].T
+        return logits
 
     def _queries(self, mod, pos):
         """Decoder queries (T,) -> (T, D): modality + position embeddings of the targets."""
@@ -277,9 +313,11 @@ class FourM(nn.Module):
         mod, targets = layout.pack(dec_mod), layout.pack(dec_targets)                     # (T,)
         order = torch.argsort(mod, stable=True)                                           # grouped by modality
         counts = torch.bincount(mod, minlength=len(self.table)).tolist()
+        h = h[order]
+        g = self.code_out(h).split(counts) if self.code else [None] * len(counts)        # (T_m, P) each
         losses, unused = {}, h.new_zeros(())
-        for m, (spec, hm, tm) in enumerate(zip(self.table, h[order].split(counts), targets[order].split(counts))):
-            logits = self.heads[m](hm)                                                    # (T_m, V_m)
+        for m, (spec, hm, gm, tm) in enumerate(zip(self.table, h.split(counts), g, targets[order].split(counts))):
+            logits = self._head_logits(m, hm, gm)                                         # (T_m, V_m)
             if counts[m]:
                 losses[spec.key] = F.cross_entropy(logits.float(), tm)
             else:  # keep every head in the graph (DDP / ZeRO expect a gradient for each)
@@ -354,9 +392,10 @@ class FourM(nn.Module):
         mod, pos = torch.cat(mods, 1), torch.cat(poss, 1)                  # (B, M)
         h, layout = self._decode(context, enc_layout, mod, pos, torch.zeros_like(mod, dtype=torch.bool))
         h = layout.unpack(h)                                                # (B, M, D)
+        g = self.code_out(h).split(sizes, dim=1) if self.code else [None] * len(sizes)
         out = {}
-        for key, hk in zip(targets, h.split(sizes, dim=1)):                 # (B, m, D) each
-            out[key] = self.heads[self.table.index(key)](hk)                # (B, m, V_key)
+        for key, hk, gk in zip(targets, h.split(sizes, dim=1), g):          # (B, m, D) each
+            out[key] = self._head_logits(self.table.index(key), hk, gk)     # (B, m, V_key)
         return out
 
     # -- saving --------------------------------------------------------------------------
@@ -381,6 +420,7 @@ class FourM(nn.Module):
         cfg = json.loads((d / "config.json").read_text())
         if attention is not None:
             cfg["fm"]["attention"] = attention
+        cfg["fm"].setdefault("code_geometry", False)   # models saved before it have no code_in/out
         model = cls(from_dict(FMConfig, cfg["fm"]), ModalityTable.from_dict(cfg["modalities"]))
         model.load_state_dict(load_file(str(d / "model.safetensors"), device=map_location))
         return model.to(map_location).eval()

@@ -235,10 +235,11 @@ def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path
     tokenized = [k for k in keys if HAS_SPECTRUM or not k.startswith("spectrum.")]
     assert sorted(m1["modalities"]) == tokenized
     assert m1["modalities"]["image.hsc"] == dict(kind="image", vocab_size=1000, n_tokens=64, tokenizer="image",
-                                                token_space="image", cell_arcsec=pytest.approx(0.168 * 4))
+                                                token_space="image", cell_arcsec=pytest.approx(0.168 * 4),
+                                                code_levels=[8, 5, 5, 5])
     assert m1["modalities"]["image.des"]["cell_arcsec"] == pytest.approx(0.262 * 4)      # 8x8 cells of 4 pixels
     assert m1["modalities"]["scalar.redshift"] == dict(kind="scalar", vocab_size=8, n_tokens=1, tokenizer="scalar",
-                                                      token_space="scalar.redshift")
+                                                      token_space="scalar.redshift", code_levels=[8])
     assert m1["summary"]["failed"] == 0 and m1["total"] == len(raw)
     if not HAS_SPECTRUM:
         assert m1["summary"]["skipped_no_tokenizer"]["spectrum.sdss"] == sum("spectrum.sdss" in s.records for s in raw)

@@ -64,6 +64,12 @@ class Tokenizer(nn.Module):
     def n_tokens(self) -> int:
         raise NotImplementedError
 
+    @property
+    def code_levels(self) -> tuple[int, ...]:
+        """The grid the ids lie on (mixed radix, axis 0 fastest; fm.codes): FSQ's levels,
+        (n_bins,) for ordered bins; () when ids have no such order."""
+        return ()
+
     def allowed_ids(self) -> torch.Tensor:
         """BoolTensor (n_tokens, vocab_size): the ids each token position may take (what a
         sampler may draw). Every id everywhere, unless a tokenizer says otherwise."""

@@ -155,6 +155,11 @@ class ImageTokenizer(Tokenizer):
         return self.quantizer.vocab_size
 
     @property
+    def code_levels(self) -> tuple[int, ...]:
+        """FSQ's levels; LFQ's (2,) * bits (its bit order differs, the grid is the same)."""
+        return tuple(self.quantizer.levels)
+
+    @property
     def n_tokens(self) -> int:
         return self.grid * self.grid
 

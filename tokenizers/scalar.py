@@ -97,6 +97,11 @@ class ScalarTokenizer(Tokenizer):
         return self.config.n_bins
 
     @property
+    def code_levels(self) -> tuple[int, ...]:
+        """Ordered quantile bins: a one-axis grid."""
+        return (self.config.n_bins,)
+
+    @property
     def n_tokens(self) -> int:
         return 1
 

@@ -161,6 +161,12 @@ class SpectrumTokenizer(Tokenizer):
         return self.quantizer.vocab_size
 
     @property
+    def code_levels(self) -> tuple[int, ...]:
+        """FSQ's levels. Token 0 (the flux-scale bin) shares the ids, not their meaning: the
+        FM's learned rows and positions carry it."""
+        return tuple(self.quantizer.levels)
+
+    @property
     def n_tokens(self) -> int:
         return 1 + self.config.n_pixels // self.config.downsample
 

@@ -19,7 +19,8 @@ Each token sample is `codec.encode_tokens(object_id, {key: int32 (n,)},
 meta={'params': ..., 'present': [keys]})`. Modalities with no tokenizer are skipped and
 counted; an object with a bad record is skipped with a warning naming it and counted.
 The manifest's `modalities` ({key: {kind, vocab_size, n_tokens, tokenizer, token_space,
-[cell_arcsec]}}, the last for images: the token cell's side on the sky) is
+[cell_arcsec], [code_levels]}}, cell_arcsec for images: the token cell's side on the sky;
+code_levels: the grid the ids lie on, fm.codes) is
 what the FM builds its modality table from; `token_space` names the tokenizer for
 modalities whose ids mean the same thing (image.des and image.hsc), else the key itself.
 """
@@ -186,6 +187,8 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
         modalities[key] = dict(kind=tok.kind, vocab_size=tok.vocab_size, n_tokens=tok.n_tokens,
                                tokenizer=modality_kind(key),
                                token_space=modality_kind(key) if tok.shared_vocabulary else key)
+        if tok.code_levels:   # the FM's code geometry (fm.codes)
+            modalities[key]["code_levels"] = list(tok.code_levels)
         cells = [c for r in results for c in r["cells"].get(key, [])]
         if cells:   # the FM's sky positions (fm.modality); one survey's stamps share a pixel scale
             modalities[key]["cell_arcsec"] = round(float(np.median(cells)), 6)

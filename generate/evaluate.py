@@ -34,7 +34,7 @@ import numpy as np
 
 from .calibration import fit_calibration
 from .baselines import fit_colour_terms, fit_psf_regulariser, interpolate_spectrum, resample_image
-from .measure import image_photometry, line_fluxes
+from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
 from .photoz import (SDSS_BANDS, catalog_samples, coverage, flux_features, gradient_boosting, read_sdss_catalog,
                      redshift_metrics, train_catalog_fm)
@@ -72,7 +72,10 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
                          **schedule) -> dict:
     """chi2_fm scores one sample per object; chi2_fm_mean the mean of `n_samples` samples
     (the posterior-mean image: what is left of it is the model's bias, the rest of chi2_fm
-    its sample-to-sample spread)."""
+    its sample-to-sample spread). `shape` compares the galaxy's shape (e1, e2; measure.
+    image_ellipticity) on the mean of the samples and on the baseline with the truth's:
+    their correlation over the objects (1: the orientation and elongation carried over, 0:
+    none) and the rms difference."""
     colour_pairs = [(truth_record(s, source), truth_record(s, target)) for s in train]
     terms = fit_colour_terms(colour_pairs, test[0].records[source].bands, test[0].records[target].bands) \
         if colour_pairs else None
@@ -83,11 +86,16 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     likes = [s.records[target] for s in test]
     roundtrip = tok.decode(tok.encode(likes), like=likes)
     fm, fm_mean, base, base_nopsf, ceil = [], [], [], [], []
+    shapes = {"truth": [], "fm": [], "baseline": []}                              # (N, 2) each
     for s, g, rt in zip(test, gen, roundtrip):
         t, truth = s.records[target], s.truth[target]
+        mean = np.mean([x.flux for x in g], 0)
+        resampled = resample_image(s.records[source], t, terms, lam).flux
         fm.append(reduced_chi2(g[0].flux, truth, t.ivar, t.mask))
-        fm_mean.append(reduced_chi2(np.mean([x.flux for x in g], 0), truth, t.ivar, t.mask))
-        base.append(reduced_chi2(resample_image(s.records[source], t, terms, lam).flux, truth, t.ivar, t.mask))
+        fm_mean.append(reduced_chi2(mean, truth, t.ivar, t.mask))
+        base.append(reduced_chi2(resampled, truth, t.ivar, t.mask))
+        for name, img in (("truth", truth), ("fm", mean), ("baseline", resampled)):
+            shapes[name].append(image_ellipticity(img, t.pixel_scale))
         base_nopsf.append(reduced_chi2(resample_image(s.records[source], t, terms, None).flux, truth, t.ivar, t.mask))
         ceil.append(reduced_chi2(rt.flux, truth, t.ivar, t.mask))
     if figdir is not None:
@@ -95,7 +103,14 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
             image_figure(figdir / f"translate_{i}.png", s.records[source], gen[i], truth_record(s, target),
                          title=f"{s.object_id}: {source} -> {target} (z={s.params.get('z', float('nan')):.2f})")
     fm, base = np.array(fm), np.array(base)
+    e = {k: np.array(v) for k, v in shapes.items()}
+    shape = {name: dict(corr=float(np.mean([np.corrcoef(e[name][:, j], e["truth"][:, j])[0, 1] for j in (0, 1)]))
+                        if len(test) > 2 else float("nan"),
+                        rms=float(np.sqrt(np.mean((e[name] - e["truth"]) ** 2))))
+             for name in ("fm", "baseline")}
+    shape["truth_rms"] = float(np.sqrt(np.mean(e["truth"] ** 2)))
     return dict(n=len(test), chi2_fm=_median(fm), chi2_fm_mean=_median(np.array(fm_mean)), n_samples=n_samples,
+                shape=shape,
                 chi2_baseline=_median(base), chi2_baseline_no_psf_matching=_median(base_nopsf),
                 chi2_tokenizer_roundtrip=_median(ceil), frac_objects_fm_better=float(np.mean(fm < base)),
                 psf_regulariser=lam,

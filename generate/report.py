@@ -58,6 +58,12 @@ def render_markdown(r: dict) -> str:
         f"| baseline: resample + PSF matching + colour terms | {_fmt(t['chi2_baseline'])} |",
         f"| baseline without PSF matching | {_fmt(t['chi2_baseline_no_psf_matching'])} |",
         f"| image tokenizer round trip of the HSC image (ceiling) | {_fmt(t['chi2_tokenizer_roundtrip'])} |", "",
+        "Galaxy shape (e1, e2 from Gaussian-weighted second moments) against the truth's: correlation over "
+        f"the objects (1 = orientation and elongation carried over) and rms difference (truth's own rms "
+        f"{_fmt(t['shape']['truth_rms'])}):", "",
+        "| method | shape correlation | shape rms error |", "|---|---|---|",
+        f"| omnisky, mean of {t['n_samples']} samples | {_fmt(t['shape']['fm']['corr'])} | {_fmt(t['shape']['fm']['rms'])} |",
+        f"| baseline | {_fmt(t['shape']['baseline']['corr'])} | {_fmt(t['shape']['baseline']['rms'])} |", "",
         "input / generated / truth / residual:", "",
         *[f"![translation {i}](figures/translate_{i}.png)" for i in range(3)], "",
         f"## Spectrum super-resolution: SDSS-like -> DESI-like ({s['n']} objects)", "",

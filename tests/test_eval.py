@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from omnisky.generate.baselines import ColourTerms, colour_pair, fit_colour_terms, resample_image
-from omnisky.generate.measure import EMISSION_LINES, half_light_radius, image_photometry, line_fluxes, line_sigma
+from omnisky.generate.measure import (EMISSION_LINES, half_light_radius, image_ellipticity, image_photometry, line_fluxes,
+                                      line_sigma)
 from omnisky.generate.outputs import write_npz
 from omnisky.generate.photoz import (catalog_samples, coverage, redshift_metrics, scalar_masked_batch,
                                      train_catalog_fm)
@@ -84,6 +85,23 @@ def test_image_photometry_of_a_gaussian():
     np.testing.assert_allclose(phot["flux"], 1000.0 * 10 ** (-0.4 * (27.0 - 22.5)), rtol=1e-4)
     assert phot["r_half"] == pytest.approx(1.1774 * sigma, abs=img.pixel_scale)
     assert np.all(phot["flux_sigma"] > 0) and math.isnan(half_light_radius(-prof, 0.2))
+
+
+def test_image_ellipticity_reads_elongation_and_orientation():
+    h, scale = 33, 0.168
+    y, x = (np.mgrid[:h, :h] - h // 2) * scale
+
+    def galaxy(q, angle):   # Gaussian of axis ratio q, major axis at `angle` from x
+        c, s = np.cos(angle), np.sin(angle)
+        u, v = c * x + s * y, -s * x + c * y
+        return np.exp(-0.5 * (u ** 2 + (v / q) ** 2) / 0.4 ** 2)[None].repeat(3, 0)
+
+    assert np.allclose(image_ellipticity(galaxy(1.0, 0.0), scale), 0, atol=1e-6)
+    e1, e2 = image_ellipticity(galaxy(0.5, 0.0), scale)
+    assert e1 > 0.3 and abs(e2) < 1e-6                                       # along x: +e1
+    assert np.allclose(image_ellipticity(galaxy(0.5, np.pi / 2), scale), [-e1, 0], atol=1e-6)
+    assert np.allclose(image_ellipticity(galaxy(0.5, np.pi / 4), scale), [0, e1], atol=1e-6)
+    assert np.all(image_ellipticity(np.zeros((1, 5, 5)), scale) == 0)
 
 
 def test_line_fluxes_recover_a_gaussian_line_on_a_continuum():
@@ -175,6 +193,7 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     for key in ("translation", "translation_back", "superres", "conditional", "redshift", "budget"):
         assert key in res
     assert math.isfinite(res["translation"]["chi2_baseline"]) and math.isfinite(res["superres"]["chi2_baseline"])
+    assert -1 <= res["translation"]["shape"]["fm"]["corr"] <= 1 and res["translation"]["shape"]["baseline"]["rms"] >= 0
     assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10
     assert res["budget"]["fm"]["params"] > 0

@@ -23,7 +23,9 @@ parameters, gradients and optimizer state dominate, not activations) and reports
 `state_ratio` the same for state_gib (ideally 0.5); `p*_peak_after_gib` the peak RSS
 after building the model, after prepare() and after the first step, to see which phase
 sets the peak. `--live K` caps ZeRO-3's gathered parameters (stage3_max_live_parameters,
-stage3_max_reuse_distance) at K * dim^2 instead of the config's / DeepSpeed's 1e9.
+stage3_max_reuse_distance) at K * dim^2 instead of the config's / DeepSpeed's 1e9;
+`--sub-group K` sets ZeRO-3's sub_group_size (the optimizer step's flattened fp32
+partitions, DeepSpeed's default 1e9 elements: one group) to K * dim^2.
 """
 from __future__ import annotations
 
@@ -94,6 +96,8 @@ def worker(args) -> None:
                        ("stage3_param_persistence_threshold", 10 * args.dim)):
         if zero.get(key) == "auto":
             zero[key] = value
+    if args.sub_group:   # the step flattens each sub-group's gradients into one fp32 buffer
+        zero["sub_group_size"] = args.sub_group * args.dim ** 2
     if args.live:        # gathered parameters kept at most (DeepSpeed's default 1e9 keeps them all)
         zero.update(stage3_max_live_parameters=args.live * args.dim ** 2,
                     stage3_max_reuse_distance=args.live * args.dim ** 2)
@@ -139,7 +143,8 @@ def launch(args, processes: int, out: Path) -> list[dict]:
            "--num_processes", str(processes),
            *(["--zero3_init_flag", "true" if args.zero3_init == "on" else "false"] if args.zero3_init != "config" else []),
            str(Path(__file__).resolve()), "--worker", str(out),
-           "--dim", str(args.dim), "--depth", str(args.depth), "--batch", str(args.batch), "--steps", str(args.steps), "--live", str(args.live)]
+           "--dim", str(args.dim), "--depth", str(args.depth), "--batch", str(args.batch), "--steps", str(args.steps), "--live", str(args.live),
+           "--sub-group", str(args.sub_group)]
     run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     if run.returncode or len(reports) != processes:
@@ -158,6 +163,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--live", type=int, default=0, help="stage3_max_live_parameters and _max_reuse_distance "
                     "in dim^2 units (0: the accelerate/DeepSpeed config's)")
+    ap.add_argument("--sub-group", type=int, default=0, help="ZeRO-3 sub_group_size in dim^2 units "
+                    "(0: the config's / DeepSpeed's 1e9)")
     ap.add_argument("--zero3-init", default="config", choices=["config", "on", "off"],
                     help="build the model partitioned (deepspeed.zero.Init): as the accelerate config says, or force it")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per launch")
@@ -169,7 +176,7 @@ def main() -> None:
         runs = {n: launch(args, n, Path(tmp) / f"p{n}") for n in (1, 2)}
     one, two = runs[1][0], runs[2]
     out = {"config": Path(args.config).name, "dim": args.dim, "depth": args.depth, "heads": args.dim // 64,
-           "live_dim2": args.live, "zero3_init": one["zero3_init"],
+           "live_dim2": args.live, "sub_group_dim2": args.sub_group, "zero3_init": one["zero3_init"],
            "params_m": round(one["params"] / 1e6, 2), "threads": int(os.environ.get("OMP_NUM_THREADS", "1")),
            "p1_peak_rss_gib": round(one["peak_rss_gib"], 3), "p1_base_rss_gib": round(one["base_rss_gib"], 3),
            "p1_state_gib": round(one["state_gib"], 3),

@@ -78,7 +78,7 @@ def worker(args) -> None:
     from omnisky.fm.data import collate
     from omnisky.fm.masking import MaskingConfig, sample_masks
     from omnisky.fm.model import FMConfig, FourM
-    from omnisky.train.fm import make_optimizer
+    from omnisky.train.fm import fill_zero3_buckets, make_optimizer
 
     from aion_like import AION_LIKE, aion_like_table
     from omnisky.train.loop import finish, make_accelerator
@@ -92,10 +92,7 @@ def worker(args) -> None:
     ds.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1,
               train_batch_size=args.batch * accelerator.num_processes, gradient_clipping=1.0)
     zero = ds.setdefault("zero_optimization", {})
-    for key, value in (("reduce_bucket_size", args.dim ** 2), ("stage3_prefetch_bucket_size", int(0.9 * args.dim ** 2)),
-                       ("stage3_param_persistence_threshold", 10 * args.dim)):
-        if zero.get(key) == "auto":
-            zero[key] = value
+    fill_zero3_buckets(zero, args.dim)                                       # as the trainer does
     if args.sub_group:   # the step flattens each sub-group's gradients into one fp32 buffer
         zero["sub_group_size"] = args.sub_group * args.dim ** 2
     if args.live:        # gathered parameters kept at most (DeepSpeed's default 1e9 keeps them all)

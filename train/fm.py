@@ -128,8 +128,12 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainFMConfig) -> None:
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     ds["gradient_clipping"] = cfg.grad_clip
-    dim = cfg.model.dim
-    zero = ds.setdefault("zero_optimization", {})
+    fill_zero3_buckets(ds.setdefault("zero_optimization", {}), cfg.model.dim)
+
+
+def fill_zero3_buckets(zero: dict, dim: int) -> None:
+    """ZeRO-3's 'auto' bucket sizes from the model width (what accelerate derives from a
+    Hugging Face hidden_size): reduce dim^2, prefetch 0.9 dim^2, persistence 10 dim."""
     for key, value in (("reduce_bucket_size", dim * dim), ("stage3_prefetch_bucket_size", int(0.9 * dim * dim)),
                        ("stage3_param_persistence_threshold", 10 * dim)):
         if zero.get(key) == "auto":

@@ -48,6 +48,7 @@ from .modality import ModalityTable
 from .packing import Layout, trim
 
 
+SKY_ATTENTION_SIGMAS = (0.5, 8.0)   # arcsec: the heads' initial locality widths, geometric between
 SKY_FREQUENCIES = tuple(float(f) for f in 1.0 / (0.5 * 2.0 ** (6 * torch.arange(8) / 7)))   # cycles/arcsec:
                                                                   # periods 0.5" .. 32", geometric
 
@@ -77,6 +78,8 @@ class FMConfig:
     checkpointing: bool = False  # activation checkpointing of every block when training
     sky_positions: bool = True   # image tokens also placed by their sky offset (arcsec) where
                                  # the table gives cell_arcsec, beside the cell index (fm.modality)
+    sky_attention: bool = False  # attention between sky tokens biased by -w_h * distance^2 (arcsec),
+                                 # a learned width per head and layer (Attention.sky_log_w)
     code_geometry: bool = True   # ids also embedded (and scored) by their place on the tokenizer's
                                  # code grid where the table gives code_levels (fm.codes)
 
@@ -124,17 +127,27 @@ class Attention(nn.Module):
         self.attend = get_attention(cfg.attention)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.sky_attention:   # w_h = 1 / (2 sigma_h^2), sigma_h from 0.5" to 8" over the heads
+            lo, hi = SKY_ATTENTION_SIGMAS
+            sigma = lo * (hi / lo) ** (torch.arange(cfg.heads) / max(cfg.heads - 1, 1))
+            self.sky_log_w = nn.Parameter(-torch.log(2 * sigma ** 2))
 
     def forward(self, x: torch.Tensor, layout: Layout, mask: torch.Tensor | None,
-                context: torch.Tensor | None = None, context_layout: Layout | None = None):
+                context: torch.Tensor | None = None, context_layout: Layout | None = None,
+                sky_d2: torch.Tensor | None = None):
         """x (T, D) rows of `layout`; context (Tk, D) rows of `context_layout` (default:
-        x itself); mask broadcastable to (B, H, Nq, Nk), True = may attend -> (T, D)."""
+        x itself); mask broadcastable to (B, H, Nq, Nk), True = may attend; sky_d2 (B, 1,
+        Nq, Nk) squared sky distances (arcsec^2) of query-key pairs of sky tokens, 0
+        elsewhere -> (T, D)."""
         if context is None:
             context, context_layout = x, layout
         q = rearrange(layout.unpack(self.q(x)), "b n (h d) -> b h n d", h=self.heads)          # (B, H, Nq, d)
         k, v = rearrange(context_layout.unpack(self.kv(context)), "b n (two h d) -> two b h n d",
                          two=2, h=self.heads)                                                 # (B, H, Nk, d)
-        out = self.attend(self.q_norm(q), self.k_norm(k), v, mask)                           # (B, H, Nq, d)
+        bias = None
+        if sky_d2 is not None and hasattr(self, "sky_log_w"):
+            bias = -self.sky_log_w.exp()[:, None, None] * sky_d2                             # (B, H, Nq, Nk)
+        out = self.attend(self.q_norm(q), self.k_norm(k), v, mask, bias)                     # (B, H, Nq, d)
         out = layout.pack(rearrange(out, "b h n d -> b n (h d)"))                             # (T, D)
         return self.drop(self.proj(out))
 
@@ -152,10 +165,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layout, mask, context=None, context_layout=None, context_mask=None):
-        x = x + self.attn(self.norm1(x), layout, mask)
+    def forward(self, x, layout, mask, context=None, context_layout=None, context_mask=None,
+                sky_d2=None, context_sky_d2=None):
+        x = x + self.attn(self.norm1(x), layout, mask, sky_d2=sky_d2)
         if self.cross is not None:
-            x = x + self.cross(self.norm_cross(x), layout, context_mask, context, context_layout)
+            x = x + self.cross(self.norm_cross(x), layout, context_mask, context, context_layout, context_sky_d2)
         return x + self.mlp(self.norm2(x))
 
 
@@ -232,12 +246,26 @@ class FourM(nn.Module):
         learned = self.pos_emb(pos + self.position_offsets[mod])
         if not self.sky:
             return learned
-        cell, side = self.cell_arcsec[mod], self.grid_side[mod]                    # (T,)
-        half = (side - 1) / 2
-        xy = torch.stack([(pos % side - half) * cell, (pos // side - half) * cell], -1)   # (T, 2) arcsec
+        xy, on_sky = self._sky_xy(mod, pos)                                        # (T, 2) arcsec, (T,)
         angle = 2 * math.pi * xy[..., None] * self.sky_freqs                       # (T, 2, F)
         feats = torch.cat([angle.sin(), angle.cos()], -1).flatten(1)               # (T, 4F)
-        return learned + torch.where((cell > 0)[:, None], self.sky_pos(feats), 0.0)
+        return learned + torch.where(on_sky[:, None], self.sky_pos(feats), 0.0)
+
+    def _sky_xy(self, mod, pos):
+        """Modality indices and positions (any shape) -> (offset of the cell centre from the
+        stamp centre in arcsec (..., 2), whether the modality has sky geometry (...))."""
+        cell, side = self.cell_arcsec[mod], self.grid_side[mod]
+        half = (side - 1) / 2
+        return torch.stack([(pos % side - half) * cell, (pos // side - half) * cell], -1), cell > 0
+
+    def _sky_d2(self, q_mod, q_pos, k_mod, k_pos):
+        """(B, Nq) and (B, Nk) mod/pos -> (B, 1, Nq, Nk) squared sky distance of each pair of
+        sky tokens, 0 for pairs with a non-sky token; None without sky attention."""
+        if not (self.sky and self.config.sky_attention):
+            return None
+        (qxy, qs), (kxy, ks) = self._sky_xy(q_mod, q_pos), self._sky_xy(k_mod, k_pos)
+        d2 = ((qxy[:, :, None] - kxy[:, None]) ** 2).sum(-1)                       # (B, Nq, Nk)
+        return (d2 * (qs[:, :, None] & ks[:, None])).unsqueeze(1)
 
     def _embed_tokens(self, ids, mod, pos):
         """Gathered (budgeted) real tokens (T,) -> (T, D): token + modality + position. With
@@ -280,20 +308,24 @@ class FourM(nn.Module):
         layout = Layout(pad)
         x = self.drop(self._embed_tokens(*(layout.pack(t) for t in (ids, mod, pos))))   # (T, D)
         mask = self._key_mask(pad)
+        d2 = self._sky_d2(mod, pos, mod, pos)
         for block in self.encoder:
-            x = self._block(block, x, layout, mask)
+            x = self._block(block, x, layout, mask, None, None, None, d2)
         return self.enc_norm(x), layout
 
-    def _decode(self, context, enc_layout, mod, pos, pad):
+    def _decode(self, context, enc_layout, mod, pos, pad, enc_mod=None, enc_pos=None):
         """Decoder over targets (B, M) mod/pos/pad, cross-attending to the packed encoder
-        output -> ((T, D) of the real targets, their Layout)."""
+        output (whose tokens' (B, N) mod/pos place them on the sky for sky attention)
+        -> ((T, D) of the real targets, their Layout)."""
         layout = Layout(pad)
+        d2 = self._sky_d2(mod, pos, mod, pos)
+        cross_d2 = self._sky_d2(mod, pos, enc_mod, enc_pos) if enc_mod is not None else None
         y = self.drop(self._queries(layout.pack(mod), layout.pack(pos)))                  # (T, D)
         same = rearrange(mod, "b m -> b m 1") == rearrange(mod, "b m -> b 1 m")           # (B, M, M)
         self_mask = rearrange(same & rearrange(~pad, "b m -> b 1 m"), "b q k -> b 1 q k")
         cross_mask = self._key_mask(enc_layout.pad)                                       # (B, 1, 1, N)
         for block in self.decoder:
-            y = self._block(block, y, layout, self_mask, context, enc_layout, cross_mask)
+            y = self._block(block, y, layout, self_mask, context, enc_layout, cross_mask, d2, cross_d2)
         return self.dec_norm(y), layout
 
     # -- training ------------------------------------------------------------------------
@@ -307,7 +339,7 @@ class FourM(nn.Module):
         dec_pad, dec_mod, dec_pos, dec_targets = trim(batch["dec_pad"], batch["dec_mod"], batch["dec_pos"],
                                                       batch["dec_targets"])
         context, enc_layout = self._encode(*enc, enc_pad)
-        h, layout = self._decode(context, enc_layout, dec_mod, dec_pos, dec_pad)        # (T, D)
+        h, layout = self._decode(context, enc_layout, dec_mod, dec_pos, dec_pad, enc[1], enc[2])   # (T, D)
         if not layout.tokens:
             raise ValueError("batch has no target tokens (every dec_pad is True)")
         mod, targets = layout.pack(dec_mod), layout.pack(dec_targets)                     # (T,)
@@ -390,7 +422,7 @@ class FourM(nn.Module):
         ids, emod, epos, epad = self._pack_inputs(inputs, batch)
         context, enc_layout = self._encode(ids, emod, epos, epad)
         mod, pos = torch.cat(mods, 1), torch.cat(poss, 1)                  # (B, M)
-        h, layout = self._decode(context, enc_layout, mod, pos, torch.zeros_like(mod, dtype=torch.bool))
+        h, layout = self._decode(context, enc_layout, mod, pos, torch.zeros_like(mod, dtype=torch.bool), emod, epos)
         h = layout.unpack(h)                                                # (B, M, D)
         g = self.code_out(h).split(sizes, dim=1) if self.code else [None] * len(sizes)
         out = {}

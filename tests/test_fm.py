@@ -129,6 +129,34 @@ def test_sky_positions_place_image_tokens_by_their_offset_on_the_sky():
         ModalityTable.from_dict({"image.a": {"vocab_size": 4, "n_tokens": 12, "cell_arcsec": 1.0}})
 
 
+def test_sky_attention_biases_pairs_of_sky_tokens_by_their_distance(tmp_path):
+    """The bias between two sky tokens is -w_h * (their sky distance)^2, whatever their
+    grids; pairs with a scalar get none; the widths start at 0.5" .. 8" over the heads,
+    learn, and save."""
+    table = ModalityTable.from_dict({"image.a": {"vocab_size": 16, "n_tokens": 9, "cell_arcsec": 1.0},
+                                     "image.b": {"vocab_size": 16, "n_tokens": 81, "cell_arcsec": 0.25},
+                                     "scalar.z": {"vocab_size": 8, "n_tokens": 1}})
+    torch.manual_seed(0)
+    model = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2, sky_attention=True), table)
+    a, b, z = (table.index(k) for k in ("image.a", "image.b", "scalar.z"))
+    q_mod, q_pos = torch.tensor([[b, b, z]]), torch.tensor([[0, 40, 0]])     # b cells at (-1, -1)" and (0, 0)"
+    k_mod, k_pos = torch.tensor([[a, a, z]]), torch.tensor([[0, 4, 0]])      # a cells at (-1, -1)" and (0, 0)"
+    d2 = model._sky_d2(q_mod, q_pos, k_mod, k_pos)[0, 0]
+    torch.testing.assert_close(d2, torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    sigma = (0.5 * torch.exp(-model.decoder[0].cross.sky_log_w)) ** 0.5
+    torch.testing.assert_close(sigma, torch.tensor([0.5, 8.0]))
+    inputs = {"image.a": torch.randint(0, 16, (2, 9)), "scalar.z": torch.tensor([[1], [-1]])}
+    out = model.logits(inputs, {"image.b": torch.arange(81)[None].expand(2, -1)})["image.b"]
+    out.square().sum().backward()
+    assert model.decoder[0].cross.sky_log_w.grad.abs().sum() > 0 and model.encoder[0].attn.sky_log_w.grad.abs().sum() > 0
+    model.save(tmp_path / "fm")
+    loaded = FourM.from_pretrained(tmp_path / "fm")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(inputs, {"image.b": torch.arange(81)[None].expand(2, -1)})["image.b"], out)
+    off = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table)
+    assert off._sky_d2(q_mod, q_pos, k_mod, k_pos) is None and not hasattr(off.encoder[0].attn, "sky_log_w")
+
+
 # -- masking ----------------------------------------------------------------------------
 @pytest.mark.parametrize("whole", [0.0, 0.5])
 def test_masking_invariants(whole):
@@ -282,14 +310,25 @@ def attention_cases(device="cpu"):
             for name, a, b, c, m in cases]
 
 
-def attend_with_grads(name, q, k, v, mask):
-    """Output and gradients of q, k, v of backend `name` (grads of a loss that weights
-    every output element differently)."""
+def attend_with_grads(name, q, k, v, mask, bias=None):
+    """Output and gradients of q, k, v (and the bias, if given) of backend `name` (grads of
+    a loss that weights every output element differently)."""
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = get_attention(name)(q, k, v, mask)
+    wrt = (q, k, v)
+    if bias is not None:
+        bias = bias.clone().requires_grad_()
+        wrt = wrt + (bias,)
+    out = get_attention(name)(q, k, v, mask, bias)
     w = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
-    grads = torch.autograd.grad((out * w).sum() + out.square().sum(), (q, k, v))
+    grads = torch.autograd.grad((out * w).sum() + out.square().sum(), wrt)
     return out.detach(), grads
+
+
+def score_bias(q, k):
+    """A float bias (B, H, Nq, Nk) like the sky attention's: -w_h * distance^2."""
+    g = torch.Generator().manual_seed(1)
+    d2 = torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], generator=g) * 4
+    return (-torch.tensor([0.5, 2.0])[:, None, None] * d2).to(q.device)
 
 
 def test_attention_backends_agree_with_padding_and_fully_masked_rows():
@@ -306,6 +345,19 @@ def test_attention_backends_agree_with_padding_and_fully_masked_rows():
             torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5, msg=case)
 
 
+def test_attention_backends_agree_with_a_score_bias():
+    for case, q, k, v, mask in attention_cases():
+        bias = score_bias(q, k)
+        ref_out, ref_grads = attend_with_grads("reference", q, k, v, mask, bias)
+        out, grads = attend_with_grads("sdpa", q, k, v, mask, bias)
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads), case
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=case)
+        for g, rg in zip(grads, ref_grads):      # q, k, v and the bias
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5, msg=case)
+        plain, _ = attend_with_grads("reference", q, k, v, mask)
+        assert not torch.allclose(plain, ref_out), case
+
+
 def test_xformers_backend():
     if not torch.cuda.is_available():
         try:
@@ -319,6 +371,12 @@ def test_xformers_backend():
         ref_out, ref_grads = attend_with_grads("reference", q, k, v, mask)
         out, grads = attend_with_grads("xformers", q, k, v, mask)
         assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads), case
+        torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=2e-3, msg=case)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g, rg, atol=2e-3, rtol=2e-3, msg=case)
+        bias = score_bias(q, k)
+        ref_out, ref_grads = attend_with_grads("reference", q, k, v, mask, bias)
+        out, grads = attend_with_grads("xformers", q, k, v, mask, bias)
         torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=2e-3, msg=case)
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g, rg, atol=2e-3, rtol=2e-3, msg=case)

@@ -26,6 +26,12 @@ def _require_templates():
 
 
 @pytest.fixture(scope="session")
+def shared_data():
+    """The shared data folder (templates, real samples); the test skips without it."""
+    return _require_templates()
+
+
+@pytest.fixture(scope="session")
 def sky_config():
     """A 24-object SkyConfig (seed 7, 32 x 32 stamps)."""
     _require_templates()

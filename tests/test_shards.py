@@ -57,7 +57,7 @@ def test_slices_are_independent_and_seeded(sky_config):
     assert encode_sample(other)["meta.json"] != whole[4]["meta.json"]
 
 
-def test_simulate_is_byte_identical_across_runs_and_workers(tmp_path, capsys):
+def test_simulate_is_byte_identical_across_runs_and_workers(tmp_path, capsys, shared_data):
     args = ["simulate", "--n", "18", "--seed", "3", "--shard-size", "6", "--quiet"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
@@ -71,7 +71,7 @@ def test_simulate_is_byte_identical_across_runs_and_workers(tmp_path, capsys):
     assert "objects/s" in capsys.readouterr().out
 
 
-def test_config_overrides_and_unknown_keys(tmp_path):
+def test_config_overrides_and_unknown_keys(tmp_path, shared_data):
     cfg = tmp_path / "sky.yaml"
     cfg.write_text("image_size: 20\np_image_hsc: 0.0\n")
     out = tmp_path / "o"
@@ -189,7 +189,7 @@ def test_mask_invalid_masks_and_counts_what_readers_find():
 
 # ----------------------------------------------------------------- physics
 
-def test_band_fluxes_match_speclite():
+def test_band_fluxes_match_speclite(shared_data):
     import astropy.units as u
     from omnisky.shards.sed import LINE_NAMES, GalaxySED
     lines = np.zeros(len(LINE_NAMES))
@@ -243,7 +243,7 @@ def test_noise_is_what_ivar_says(samples):
         assert 0.95 < chi.std() < 1.05 and abs(chi.mean()) < 0.02, key
 
 
-def test_desi_resolves_lines_better_than_sdss():
+def test_desi_resolves_lines_better_than_sdss(shared_data):
     from omnisky.shards.sed import C_KMS, FWHM_PER_SIGMA, LINE_NAMES, LINE_WAVE, GalaxySED
     from omnisky.shards.spectrograph import desi, sdss
     w = np.linspace(3800, 9200, 200)

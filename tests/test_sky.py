@@ -152,7 +152,7 @@ def test_point_source_spectra_agree_with_their_photometry(points):
         assert 0.2 < s.params["fibre_frac_desi"] < 1.0
 
 
-def test_dusty_and_smooth_seds_match_speclite():
+def test_dusty_and_smooth_seds_match_speclite(shared_data):
     import astropy.units as u
     from omnisky.shards import bands
     from omnisky.shards.quasars import QSO_LINES, quasar_sed
@@ -186,7 +186,7 @@ def test_the_same_seed_gives_the_same_objects_on_both_paths(sky_config):
                 assert s.truth[f"scalar.flux_{b}"] == pytest.approx(cat[f"flux_des.{b}"][i], rel=1e-5)
 
 
-def test_redshifts_follow_depth_and_red_fraction_follows_luminosity():
+def test_redshifts_follow_depth_and_red_fraction_follows_luminosity(shared_data):
     from omnisky.shards.galaxies import redshift_table
     from omnisky.shards.quasars import redshift_table as qso_table
     table = redshift_table(0.02, 1.2)
@@ -199,7 +199,7 @@ def test_redshifts_follow_depth_and_red_fraction_follows_luminosity():
     assert red_bright > red_faint + 0.2
 
 
-def test_sdss_like_colours_match_real_sdss_galaxies():
+def test_sdss_like_colours_match_real_sdss_galaxies(shared_data):
     """bench/sky.py's colour check, small: median g-r in two redshift bins within 0.1 mag."""
     from omnisky.shards.sed import shared_data_dir
     from omnisky.shards.sky import SkyConfig, simulate_catalog

@@ -135,7 +135,7 @@ HAS_SPECTRUM = (ROOT / "tokenizers" / "spectrum.py").exists()
 
 
 @pytest.fixture(scope="module")
-def sky(tmp_path_factory) -> Path:
+def sky(tmp_path_factory, shared_data) -> Path:
     """48 simulated objects in 3 raw shards."""
     from omnisky.shards.cli import run_simulate
     from omnisky.shards.sky import SkyConfig

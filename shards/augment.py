@@ -71,16 +71,16 @@ def dihedral(sample: Sample, name: str) -> Sample:
     if name == "identity":
         return sample
     records, truth = dict(sample.records), dict(sample.truth)
+    oid = f"{sample.object_id}~{name}"
     for key, rec in sample.records.items():
         if not isinstance(rec, Image):
             continue
-        flux, empty = transform_stamp(rec.flux, name, 0.0)
+        flux, _ = transform_stamp(rec.flux, name, 0.0)
         ivar, _ = transform_stamp(rec.ivar, name, 0.0)
         mask, _ = transform_stamp(rec.mask, name, True)
-        oid = f"{sample.object_id}~{name}"
         records[key] = dataclasses.replace(rec, flux=np.ascontiguousarray(flux), ivar=np.ascontiguousarray(ivar),
                                            mask=np.ascontiguousarray(mask), object_id=oid)
         if key in sample.truth:
             truth[key] = np.ascontiguousarray(transform_stamp(sample.truth[key], name, 0.0)[0])
     params = {k: v for k, v in sample.params.items() if k != "position_angle"}
-    return Sample(f"{sample.object_id}~{name}", records, truth, params, dict(sample.meta, augment=name))
+    return Sample(oid, records, truth, params, dict(sample.meta, augment=name))

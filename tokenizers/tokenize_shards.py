@@ -122,7 +122,16 @@ def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: 
             if tok is None:
                 skipped[key] = sum(key in s.records for s in samples)
                 continue
-            encoded[key] = _encode_modality(tok, key, samples, batch_size, failed)
+            if modality_kind(key) == "image":
+                encoded[key] = _encode_modality(tok, key, samples, batch_size, failed)
+            else:   # the copies share the original's record (shards.augment): encode it once
+                encoded[key] = _encode_modality(tok, key, samples[:n_in], batch_size, failed)
+                for i, s in enumerate(samples[n_in:]):
+                    orig = samples[i % n_in].object_id
+                    if orig in encoded[key]:
+                        encoded[key][s.object_id] = encoded[key][orig]
+                    elif orig in failed:
+                        failed[s.object_id] = failed[orig]
             if hasattr(tok, "cell_arcsec") and encoded[key]:
                 cells[key] = [tok.cell_arcsec(s.records[key]) for s in samples if s.object_id in encoded[key]]
     tmp = Path(out_dir) / f".tmp-{index:06d}"

@@ -46,6 +46,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         elif kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = kind(value)
         elif kind is tuple or typing.get_origin(kind) is tuple:
+            args = typing.get_args(kind)
+            if args and dataclasses.is_dataclass(args[0]):   # tuple[SomeConfig, ...]: each from a mapping
+                value = tuple(from_dict(args[0], v, f"{where}.{name}[{i}]") if isinstance(v, Mapping) else v
+                              for i, v in enumerate(value))
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)

@@ -23,6 +23,14 @@ For one object (which holds only some modalities):
    gets its `min_target_tokens[key]` of the tokens not chosen as inputs, then the rest
    of `target_budget` is filled from those tokens, moving budget a modality cannot use
    to the others (every target slot is training signal), capped by `max_target_tokens`.
+   With `tasks`, an object is instead masked as one of the tasks the model is used for,
+   each with its probability: a `TaskMask` names the input modalities, given whole in
+   their order as far as the input budget holds them (up to `max_input_tokens`), and the
+   target modalities, which share the target budget by Dirichlet shares (nothing else is
+   input or target; the minimums do not apply). An object that lacks one of the task's
+   modalities is masked by the Dirichlets. The random Dirichlet masks seldom make the
+   whole-image translation case (inputs: all of one survey's image, targets: the other's,
+   ~2% of the objects in the demo) that survey translation asks of the model.
 3. At least one input and one target token are kept when the object has two or more
    tokens. Which tokens of a modality are inputs or targets is a random permutation:
    input and target positions are disjoint.
@@ -46,6 +54,20 @@ from .modality import ModalityTable
 
 
 @dataclass
+class TaskMask:
+    inputs: tuple[str, ...]              # modalities given whole, in this order, as the budget allows
+    targets: tuple[str, ...]             # modalities predicted (they share the target budget)
+    prob: float                          # chance per object (that has all of them) of this mask
+
+    def __post_init__(self):
+        self.inputs, self.targets = tuple(self.inputs), tuple(self.targets)
+        if not self.inputs or not self.targets or set(self.inputs) & set(self.targets):
+            raise ValueError(f"TaskMask: need inputs and targets, disjoint; got {self.inputs} -> {self.targets}")
+        if not 0.0 < self.prob <= 1.0:
+            raise ValueError(f"TaskMask {self.inputs} -> {self.targets}: prob must be in (0, 1], got {self.prob}")
+
+
+@dataclass
 class MaskingConfig:
     input_budget: int = 128              # encoder tokens per object (Nin)
     target_budget: int = 128             # decoder tokens per object (Ndec)
@@ -56,6 +78,7 @@ class MaskingConfig:
     min_input_tokens: dict[str, int] = field(default_factory=dict)   # per-modality floors
     min_target_tokens: dict[str, int] = field(default_factory=dict)
     whole_modality_prob: float = 0.0     # share of objects whose inputs are whole modalities
+    tasks: tuple[TaskMask, ...] = ()     # task masks (e.g. image.des -> image.hsc), each with its prob
     seed: int = 0                        # base seed of the masking RNG in the data workers
 
     def __post_init__(self):
@@ -75,6 +98,9 @@ class MaskingConfig:
                                  f"more than the {side}_budget {budget}")
         if not 0.0 <= self.whole_modality_prob <= 1.0:
             raise ValueError(f"MaskingConfig.whole_modality_prob must be in [0, 1], got {self.whole_modality_prob}")
+        self.tasks = tuple(t if isinstance(t, TaskMask) else TaskMask(**t) for t in self.tasks)
+        if sum(t.prob for t in self.tasks) > 1.0 + 1e-9:
+            raise ValueError(f"MaskingConfig.tasks: probabilities sum to {sum(t.prob for t in self.tasks)} > 1")
         for name in ("input_alphas", "target_alphas"):
             alphas = tuple(getattr(self, name))
             if not alphas or any(a <= 0 for a in alphas):
@@ -126,6 +152,37 @@ def check_keys(cfg: MaskingConfig, table: ModalityTable) -> None:
         unknown = sorted(set(getattr(cfg, name)) - set(table.keys))
         if unknown:
             raise ValueError(f"MaskingConfig.{name}: unknown modalities {unknown}; the table has {table.keys}")
+    for task in cfg.tasks:
+        unknown = sorted(set(task.inputs + task.targets) - set(table.keys))
+        if unknown:
+            raise ValueError(f"MaskingConfig.tasks {task.inputs} -> {task.targets}: unknown modalities "
+                             f"{unknown}; the table has {table.keys}")
+
+
+def _pick_task(tasks: tuple[TaskMask, ...], keys: list[str], rng: np.random.Generator) -> TaskMask | None:
+    """The task this object is masked as (None: the Dirichlet masks); one draw when tasks exist."""
+    if not tasks:
+        return None
+    u, acc = rng.random(), 0.0
+    for task in tasks:
+        acc += task.prob
+        if u < acc:
+            return task if set(task.inputs + task.targets) <= set(keys) else None
+    return None
+
+
+def _task_counts(task: TaskMask, keys: list[str], n: np.ndarray, in_cap: np.ndarray, tgt_cap: np.ndarray,
+                 cfg: MaskingConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Input and target counts per modality for a task mask (module doc, step 1)."""
+    n_in, left = np.zeros_like(n), cfg.input_budget
+    for key in task.inputs:
+        j = keys.index(key)
+        n_in[j] = min(int(in_cap[j]), left)
+        left -= n_in[j]
+    is_target = np.array([k in task.targets for k in keys])
+    room = np.where(is_target, np.minimum(n - n_in, tgt_cap), 0)
+    p_tgt = np.where(is_target, _dirichlet(len(keys), cfg.target_alphas, rng), 0.0)
+    return n_in, _fill(cfg.target_budget, p_tgt, room, rng)
 
 
 def check_tokens(tokens: Mapping[str, np.ndarray], table: ModalityTable, where: str = "object") -> dict[str, np.ndarray]:
@@ -147,21 +204,10 @@ def check_tokens(tokens: Mapping[str, np.ndarray], table: ModalityTable, where: 
     return out
 
 
-def sample_masks(tokens: Mapping[str, np.ndarray], table: ModalityTable, cfg: MaskingConfig,
-                 rng: np.random.Generator, where: str = "object") -> dict[str, np.ndarray]:
-    """One object's tokens -> fixed-size encoder inputs and decoder targets (see module doc)."""
-    check_keys(cfg, table)
-    tokens = check_tokens(tokens, table, where)
-    keys = [k for k in table.keys if k in tokens]   # table order
-    n_total = sum(table[k].n_tokens for k in keys)
-    if n_total < 2:
-        raise ValueError(f"{where}: needs at least 2 tokens of known modalities to mask, "
-                         f"has {n_total} ({keys})")
-    n = np.array([table[k].n_tokens for k in keys])
-    in_cap = np.array([min(table[k].n_tokens, cfg.max_input_tokens.get(k, table[k].n_tokens)) for k in keys])
-    tgt_cap = np.array([cfg.max_target_tokens.get(k, table[k].n_tokens) for k in keys])
-    in_min = np.minimum([cfg.min_input_tokens.get(k, 0) for k in keys], in_cap)
-
+def _dirichlet_counts(keys: list[str], n: np.ndarray, in_cap: np.ndarray, tgt_cap: np.ndarray,
+                      in_min: np.ndarray, cfg: MaskingConfig, rng: np.random.Generator,
+                      where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Input and target counts per modality from the Dirichlet masks (module doc, steps 1-3)."""
     if len(keys) >= 2 and cfg.whole_modality_prob > 0 and rng.random() < cfg.whole_modality_prob:
         n_in = _whole_inputs(cfg.input_budget, in_min, in_cap, rng)
     else:   # the minimums, then a multinomial budget by Dirichlet shares, capped, no redistribution
@@ -184,6 +230,29 @@ def sample_masks(tokens: Mapping[str, np.ndarray], table: ModalityTable, cfg: Ma
         j = rng.choice(give)
         n_in[j] -= 1
         n_tgt[j] = 1
+    return n_in, n_tgt
+
+
+def sample_masks(tokens: Mapping[str, np.ndarray], table: ModalityTable, cfg: MaskingConfig,
+                 rng: np.random.Generator, where: str = "object") -> dict[str, np.ndarray]:
+    """One object's tokens -> fixed-size encoder inputs and decoder targets (see module doc)."""
+    check_keys(cfg, table)
+    tokens = check_tokens(tokens, table, where)
+    keys = [k for k in table.keys if k in tokens]   # table order
+    n_total = sum(table[k].n_tokens for k in keys)
+    if n_total < 2:
+        raise ValueError(f"{where}: needs at least 2 tokens of known modalities to mask, "
+                         f"has {n_total} ({keys})")
+    n = np.array([table[k].n_tokens for k in keys])
+    in_cap = np.array([min(table[k].n_tokens, cfg.max_input_tokens.get(k, table[k].n_tokens)) for k in keys])
+    tgt_cap = np.array([cfg.max_target_tokens.get(k, table[k].n_tokens) for k in keys])
+    in_min = np.minimum([cfg.min_input_tokens.get(k, 0) for k in keys], in_cap)
+
+    task = _pick_task(cfg.tasks, keys, rng)
+    if task is not None:
+        n_in, n_tgt = _task_counts(task, keys, n, in_cap, tgt_cap, cfg, rng)
+    if task is None or n_in.sum() == 0 or n_tgt.sum() == 0:   # caps can empty a task's side
+        n_in, n_tgt = _dirichlet_counts(keys, n, in_cap, tgt_cap, in_min, cfg, rng, where)
 
     enc = {f: [] for f in ("ids", "mod", "pos")}
     dec = {f: [] for f in ("targets", "mod", "pos")}

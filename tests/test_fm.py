@@ -256,6 +256,48 @@ def test_whole_modality_masking_gives_whole_modalities_as_inputs():
         MaskingConfig(20, 14, whole_modality_prob=1.5)
 
 
+def test_task_masks_give_the_task_and_fall_back_to_dirichlet():
+    """A task mask gives its inputs whole (in order, as the budget holds them) and targets
+    only its targets; objects that lack a task's modality, and the remaining probability,
+    get the Dirichlet masks. Over many objects each task's share is its probability."""
+    from omnisky.config import ConfigError
+    table, rng = tiny_table(), np.random.default_rng(5)
+    cfg = from_dict(MaskingConfig, dict(input_budget=20, target_budget=14, tasks=[
+        dict(inputs=["image.a"], targets=["image.b"], prob=0.5),
+        dict(inputs=["image.b", "scalar.z"], targets=["image.a", "spectrum.s"], prob=0.25)]))
+    counts = {"a->b": 0, "b,z->a,s": 0, "other": 0}
+    for trial in range(800):
+        have = list(TINY) if trial % 4 else ["image.a", "scalar.z", "spectrum.s"]   # 1 in 4 lacks image.b
+        m = sample_masks({k: structured_tokens(trial % 16)[k] for k in have}, table, cfg, rng)
+        n_enc = {k: int(((m["enc_mod"] == table.index(k)) & ~m["enc_pad"]).sum()) for k in TINY}
+        n_dec = {k: int(((m["dec_mod"] == table.index(k)) & ~m["dec_pad"]).sum()) for k in TINY}
+        enc_keys = {k for k, v in n_enc.items() if v}
+        dec_keys = {k for k, v in n_dec.items() if v}
+        if enc_keys == {"image.a"} and dec_keys == {"image.b"} and n_enc["image.a"] == TINY["image.a"][1]:
+            assert n_dec["image.b"] == min(14, TINY["image.b"][1])
+            counts["a->b"] += 1
+        elif enc_keys == {"image.b", "scalar.z"} and dec_keys <= {"image.a", "spectrum.s"} \
+                and n_enc["image.b"] == TINY["image.b"][1]:
+            assert sum(n_dec.values()) == 14            # the targets fill the budget
+            counts["b,z->a,s"] += 1
+        elif "image.b" in have:
+            counts["other"] += 1
+        if "image.b" not in have:                         # no task fits: a Dirichlet mask over what it has
+            assert enc_keys and dec_keys and (enc_keys | dec_keys) <= set(have)
+    with_b = 600
+    assert abs(counts["a->b"] / with_b - 0.5) < 0.07 and abs(counts["b,z->a,s"] / with_b - 0.25) < 0.06, counts
+    assert abs(counts["other"] / with_b - 0.25) < 0.06, counts
+    with pytest.raises(ConfigError, match=r"tasks\[0\]: unknown key"):
+        from_dict(MaskingConfig, dict(tasks=[dict(inputs=["image.a"], target=["image.b"], prob=0.1)]))
+    with pytest.raises(ValueError, match="sum to"):
+        MaskingConfig(tasks=[dict(inputs=["image.a"], targets=["image.b"], prob=0.7)] * 2)
+    with pytest.raises(ValueError, match="disjoint"):
+        MaskingConfig(tasks=[dict(inputs=["image.a"], targets=["image.a"], prob=0.1)])
+    with pytest.raises(ValueError, match="unknown modalities"):
+        sample_masks(structured_tokens(0), table, MaskingConfig(tasks=[dict(inputs=["image.zzz"], targets=["image.a"],
+                                                                             prob=0.1)]), rng)
+
+
 def test_masking_rejects_bad_objects():
     table, rng, cfg = tiny_table(), np.random.default_rng(0), MaskingConfig(8, 8)
     with pytest.raises(ValueError, match=r"obj42: needs at least 2 tokens.*scalar.z"):

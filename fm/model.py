@@ -134,22 +134,52 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout, mask: torch.Tensor | None,
                 context: torch.Tensor | None = None, context_layout: Layout | None = None,
-                sky_d2: torch.Tensor | None = None):
+                sky_q: tuple | None = None, sky_k: tuple | None = None):
         """x (T, D) rows of `layout`; context (Tk, D) rows of `context_layout` (default:
-        x itself); mask broadcastable to (B, H, Nq, Nk), True = may attend; sky_d2 (B, 1,
-        Nq, Nk) squared sky distances (arcsec^2) of query-key pairs of sky tokens, 0
-        elsewhere -> (T, D)."""
+        x itself); mask broadcastable to (B, H, Nq, Nk), True = may attend; sky_q, sky_k:
+        the queries' and keys' sky places for sky attention (FourM._sky_tokens: offsets
+        (B, N, 2) in arcsec, on-sky flags (B, N)), sky_k defaulting to sky_q -> (T, D)."""
         if context is None:
             context, context_layout = x, layout
         q = rearrange(layout.unpack(self.q(x)), "b n (h d) -> b h n d", h=self.heads)          # (B, H, Nq, d)
         k, v = rearrange(context_layout.unpack(self.kv(context)), "b n (two h d) -> two b h n d",
                          two=2, h=self.heads)                                                 # (B, H, Nk, d)
-        bias = None
-        if sky_d2 is not None and hasattr(self, "sky_log_w"):
-            bias = -self.sky_log_w.exp()[:, None, None] * sky_d2                             # (B, H, Nq, Nk)
-        out = self.attend(self.q_norm(q), self.k_norm(k), v, mask, bias)                     # (B, H, Nq, d)
+        q, k, bias, d = self.q_norm(q), self.k_norm(k), None, q.shape[-1]
+        if sky_q is not None and hasattr(self, "sky_log_w"):
+            q, k, v, bias = self._sky_locality(q, k, v, sky_q, sky_q if sky_k is None else sky_k)
+        out = self.attend(q, k, v, mask, bias)[..., :d]                                      # (B, H, Nq, d)
         out = layout.pack(rearrange(out, "b h n d -> b n (h d)"))                             # (T, D)
         return self.drop(self.proj(out))
+
+    def _sky_locality(self, q, k, v, sky_q, sky_k):
+        """Add -w_h |x_q - x_k|^2 to the scores of pairs of sky tokens -> (q, k, v, bias).
+
+        In fp32 it rides in extra head channels: q gains s_q w (2x, 2y, -1, -|x_q|^2) scaled
+        by sqrt(D'), k gains s_k (x, y, |x_k|^2, 1), v zeros, padded to D' a multiple of 8
+        (q's own channels scaled by sqrt(D'/d) keep q k / sqrt(d)), so their product is the
+        term exactly and the fused kernels keep running: an additive float mask that needs a
+        gradient sends SDPA to its math path (attention 2.5x slower at the demo shapes on
+        CPU; the feature form 1.2x). In lower precision (bf16 autocast) the expansion would
+        cancel terms of ~|x|^2 = 35 arcsec^2 to a precision of 0.5, so there it is the
+        equivalent float bias (B, H, Nq, Nk)."""
+        (qxy, q_on), (kxy, k_on) = sky_q, sky_k                         # (B, Nq, 2), (B, Nq); keys alike
+        w = self.sky_log_w.exp()                                         # (H,)
+        if q.dtype != torch.float32:
+            d2 = ((qxy[:, :, None] - kxy[:, None]) ** 2).sum(-1) * (q_on[:, :, None] & k_on[:, None])
+            return q, k, v, (-w[:, None, None] * d2[:, None]).to(q.dtype)    # (B, H, Nq, Nk)
+        B, H, Nq, d = q.shape
+        D = d + 4 + (-(d + 4)) % 8
+        one = torch.ones_like(qxy[..., 0])
+        qf = torch.stack([2 * qxy[..., 0], 2 * qxy[..., 1], -one, -(qxy ** 2).sum(-1)], -1) * q_on[..., None]
+        kf = torch.stack([kxy[..., 0], kxy[..., 1], (kxy ** 2).sum(-1), torch.ones_like(kxy[..., 0])], -1) \
+            * k_on[..., None]                                            # (B, Nk, 4)
+        qf = w[None, :, None, None] * qf[:, None] * math.sqrt(D)         # (B, H, Nq, 4)
+        kf = kf[:, None].expand(-1, H, -1, -1)                           # (B, H, Nk, 4)
+        pad = D - d - 4
+        q = torch.cat([q * math.sqrt(D / d), qf, q.new_zeros(B, H, Nq, pad)], -1)           # (B, H, Nq, D)
+        k = torch.cat([k, kf, k.new_zeros(*k.shape[:3], pad)], -1)                         # (B, H, Nk, D)
+        v = torch.cat([v, v.new_zeros(*v.shape[:3], D - d)], -1)                           # (B, H, Nk, D)
+        return q, k, v, None
 
 
 class Block(nn.Module):
@@ -166,10 +196,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, layout, mask, context=None, context_layout=None, context_mask=None,
-                sky_d2=None, context_sky_d2=None):
-        x = x + self.attn(self.norm1(x), layout, mask, sky_d2=sky_d2)
+                sky=None, context_sky=None):
+        x = x + self.attn(self.norm1(x), layout, mask, sky_q=sky)
         if self.cross is not None:
-            x = x + self.cross(self.norm_cross(x), layout, context_mask, context, context_layout, context_sky_d2)
+            x = x + self.cross(self.norm_cross(x), layout, context_mask, context, context_layout,
+                               sky if context_sky is not None else None, context_sky)
         return x + self.mlp(self.norm2(x))
 
 
@@ -258,14 +289,12 @@ class FourM(nn.Module):
         half = (side - 1) / 2
         return torch.stack([(pos % side - half) * cell, (pos // side - half) * cell], -1), cell > 0
 
-    def _sky_d2(self, q_mod, q_pos, k_mod, k_pos):
-        """(B, Nq) and (B, Nk) mod/pos -> (B, 1, Nq, Nk) squared sky distance of each pair of
-        sky tokens, 0 for pairs with a non-sky token; None without sky attention."""
+    def _sky_tokens(self, mod, pos):
+        """(B, N) mod/pos -> (offsets (B, N, 2) arcsec, on-sky (B, N) bool) for sky
+        attention; None without it."""
         if not (self.sky and self.config.sky_attention):
             return None
-        (qxy, qs), (kxy, ks) = self._sky_xy(q_mod, q_pos), self._sky_xy(k_mod, k_pos)
-        d2 = ((qxy[:, :, None] - kxy[:, None]) ** 2).sum(-1)                       # (B, Nq, Nk)
-        return (d2 * (qs[:, :, None] & ks[:, None])).unsqueeze(1)
+        return self._sky_xy(mod, pos)
 
     def _embed_tokens(self, ids, mod, pos):
         """Gathered (budgeted) real tokens (T,) -> (T, D): token + modality + position. With
@@ -308,9 +337,9 @@ class FourM(nn.Module):
         layout = Layout(pad)
         x = self.drop(self._embed_tokens(*(layout.pack(t) for t in (ids, mod, pos))))   # (T, D)
         mask = self._key_mask(pad)
-        d2 = self._sky_d2(mod, pos, mod, pos)
+        sky = self._sky_tokens(mod, pos)
         for block in self.encoder:
-            x = self._block(block, x, layout, mask, None, None, None, d2)
+            x = self._block(block, x, layout, mask, None, None, None, sky)
         return self.enc_norm(x), layout
 
     def _decode(self, context, enc_layout, mod, pos, pad, enc_mod=None, enc_pos=None):
@@ -318,14 +347,14 @@ class FourM(nn.Module):
         output (whose tokens' (B, N) mod/pos place them on the sky for sky attention)
         -> ((T, D) of the real targets, their Layout)."""
         layout = Layout(pad)
-        d2 = self._sky_d2(mod, pos, mod, pos)
-        cross_d2 = self._sky_d2(mod, pos, enc_mod, enc_pos) if enc_mod is not None else None
+        sky = self._sky_tokens(mod, pos)
+        enc_sky = self._sky_tokens(enc_mod, enc_pos) if enc_mod is not None and sky is not None else None
         y = self.drop(self._queries(layout.pack(mod), layout.pack(pos)))                  # (T, D)
         same = rearrange(mod, "b m -> b m 1") == rearrange(mod, "b m -> b 1 m")           # (B, M, M)
         self_mask = rearrange(same & rearrange(~pad, "b m -> b 1 m"), "b q k -> b 1 q k")
         cross_mask = self._key_mask(enc_layout.pad)                                       # (B, 1, 1, N)
         for block in self.decoder:
-            y = self._block(block, y, layout, self_mask, context, enc_layout, cross_mask, d2, cross_d2)
+            y = self._block(block, y, layout, self_mask, context, enc_layout, cross_mask, sky, enc_sky)
         return self.dec_norm(y), layout
 
     # -- training ------------------------------------------------------------------------

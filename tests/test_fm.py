@@ -131,8 +131,9 @@ def test_sky_positions_place_image_tokens_by_their_offset_on_the_sky():
 
 def test_sky_attention_biases_pairs_of_sky_tokens_by_their_distance(tmp_path):
     """The bias between two sky tokens is -w_h * (their sky distance)^2, whatever their
-    grids; pairs with a scalar get none; the widths start at 0.5" .. 8" over the heads,
-    learn, and save."""
+    grids; pairs with a scalar get none. In fp32 it rides in extra head channels whose
+    product is that term (scores and attention equal the explicit bias's), in bf16 it is
+    the bias itself; the widths start at 0.5" .. 8" over the heads, learn, and save."""
     table = ModalityTable.from_dict({"image.a": {"vocab_size": 16, "n_tokens": 9, "cell_arcsec": 1.0},
                                      "image.b": {"vocab_size": 16, "n_tokens": 81, "cell_arcsec": 0.25},
                                      "scalar.z": {"vocab_size": 8, "n_tokens": 1}})
@@ -141,8 +142,23 @@ def test_sky_attention_biases_pairs_of_sky_tokens_by_their_distance(tmp_path):
     a, b, z = (table.index(k) for k in ("image.a", "image.b", "scalar.z"))
     q_mod, q_pos = torch.tensor([[b, b, z]]), torch.tensor([[0, 40, 0]])     # b cells at (-1, -1)" and (0, 0)"
     k_mod, k_pos = torch.tensor([[a, a, z]]), torch.tensor([[0, 4, 0]])      # a cells at (-1, -1)" and (0, 0)"
-    d2 = model._sky_d2(q_mod, q_pos, k_mod, k_pos)[0, 0]
-    torch.testing.assert_close(d2, torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    want_d2 = torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    attn = model.decoder[0].cross
+    w = attn.sky_log_w.exp()                                              # (H,)
+    sky_q, sky_k = model._sky_tokens(q_mod, q_pos), model._sky_tokens(k_mod, k_pos)
+    q, k, v = torch.randn(3, 1, 2, 3, 16).unbind(0)                      # (B, H, N, d)
+    want = q @ k.transpose(-2, -1) / 4.0 - w[:, None, None] * want_d2    # (1, H, Nq, Nk)
+    q2, k2, v2, bias = attn._sky_locality(q, k, v, sky_q, sky_k)         # fp32: extra head channels
+    assert bias is None and q2.shape[-1] == k2.shape[-1] == v2.shape[-1] == 24
+    torch.testing.assert_close(q2 @ k2.transpose(-2, -1) / 24 ** 0.5, want)
+    torch.testing.assert_close(v2[..., :16], v)
+    torch.testing.assert_close(v2[..., 16:], torch.zeros(1, 2, 3, 8))
+    *_, bias16 = attn._sky_locality(q.bfloat16(), k.bfloat16(), v.bfloat16(), sky_q, sky_k)   # low precision: a bias
+    torch.testing.assert_close(bias16.float(), (-w[:, None, None] * want_d2)[None], rtol=1e-2, atol=1e-2)
+    from omnisky.fm.attention import ReferenceAttention
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, True]])[None, None]
+    torch.testing.assert_close(ReferenceAttention()(q2, k2, v2, mask)[..., :16],
+                               ReferenceAttention()(q, k, v, mask, -w[:, None, None] * want_d2))
     sigma = (0.5 * torch.exp(-model.decoder[0].cross.sky_log_w)) ** 0.5
     torch.testing.assert_close(sigma, torch.tensor([0.5, 8.0]))
     inputs = {"image.a": torch.randint(0, 16, (2, 9)), "scalar.z": torch.tensor([[1], [-1]])}
@@ -154,7 +170,7 @@ def test_sky_attention_biases_pairs_of_sky_tokens_by_their_distance(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(inputs, {"image.b": torch.arange(81)[None].expand(2, -1)})["image.b"], out)
     off = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table)
-    assert off._sky_d2(q_mod, q_pos, k_mod, k_pos) is None and not hasattr(off.encoder[0].attn, "sky_log_w")
+    assert off._sky_tokens(q_mod, q_pos) is None and not hasattr(off.encoder[0].attn, "sky_log_w")
 
 
 # -- masking ----------------------------------------------------------------------------

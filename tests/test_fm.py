@@ -631,7 +631,8 @@ def expected_params(cfg: FMConfig, table: ModalityTable) -> int:
     if cfg.swiglu:
         hidden = (int(2 * hidden / 3) + 7) // 8 * 8
     norm = D * (1 + b)
-    attention = 4 * D * D + 4 * D * b + (2 * (D // cfg.heads) if cfg.qk_norm else 0)
+    attention = 4 * D * D + 4 * D * b + (2 * (D // cfg.heads) if cfg.qk_norm else 0) \
+        + cfg.heads * cfg.sky_attention                            # sky attention: a width per head
     mlp = D * hidden * (2 if cfg.swiglu else 1) + hidden * D + b * (hidden * (2 if cfg.swiglu else 1) + D)
     encoder_block = 2 * norm + attention + mlp
     decoder_block = encoder_block + norm + attention

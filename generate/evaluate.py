@@ -121,9 +121,11 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
 def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
                       source: str = "spectrum.sdss", target: str = "spectrum.desi", **schedule) -> dict:
     gen = pipe.superres(test, source=source, target=target, seed=seed, **schedule)
+    tok, likes = pipe.tokenizer(target), [s.records[target] for s in test]
+    roundtrip = tok.decode(tok.encode(likes), like=likes)   # what the tokens can carry: the ceiling
     fm, base = [], []
-    lines = {"fm": {}, "baseline": {}}
-    for s, g in zip(test, gen):
+    lines = {"fm": {}, "baseline": {}, "tokenizer_roundtrip": {}}
+    for s, g, rt in zip(test, gen, roundtrip):
         t, src = s.records[target], s.records[source]
         outside = t.mask | (t.wavelength < src.wavelength[0]) | (t.wavelength > src.wavelength[-1])
         interp = interpolate_spectrum(src, t)
@@ -135,7 +137,8 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
         noiseless = dataclasses.replace(t, flux=s.truth[target], mask=np.zeros_like(t.mask))
         true_lines = line_fluxes(noiseless, z)
         for name, spec in (("fm", dataclasses.replace(g[0], ivar=t.ivar, mask=np.zeros_like(t.mask))),
-                           ("baseline", dataclasses.replace(interp, ivar=t.ivar, mask=outside | interp.mask))):
+                           ("baseline", dataclasses.replace(interp, ivar=t.ivar, mask=outside | interp.mask)),
+                           ("tokenizer_roundtrip", dataclasses.replace(rt, ivar=t.ivar, mask=np.zeros_like(t.mask)))):
             measured = line_fluxes(spec, z)
             for line, (f_true, sigma) in true_lines.items():
                 f = measured[line][0]
@@ -148,7 +151,7 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
     line_errors = {}
     for line in sorted(set(lines["fm"]) | set(lines["baseline"])):
         row = {}
-        for name in ("fm", "baseline"):
+        for name in ("fm", "baseline", "tokenizer_roundtrip"):
             v = np.array(lines[name].get(line, np.zeros((0, 2))))
             row[name] = dict(n=len(v), median_abs_err_sigma=_median(np.abs(v[:, 0])) if len(v) else float("nan"),
                              median_abs_rel_err=_median(np.abs(v[:, 1])) if len(v) else float("nan"))

@@ -69,10 +69,16 @@ def render_markdown(r: dict) -> str:
         f"## Spectrum super-resolution: SDSS-like -> DESI-like ({s['n']} objects)", "",
         "| method | median reduced chi2 (SDSS range) |", "|---|---|",
         f"| omnisky | {_fmt(s['chi2_fm'])} |", f"| baseline: linear interpolation | {_fmt(s['chi2_baseline'])} |", "",
-        "Emission-line flux error against the noiseless truth (lines the truth holds at >= 3 sigma), "
-        "median |error| in units of the DESI-like line-flux noise:", "",
-        "| line | omnisky | interpolation | lines |", "|---|---|---|---|",
-        *[f"| {k} | {_fmt(v['fm']['median_abs_err_sigma'])} | {_fmt(v['baseline']['median_abs_err_sigma'])} | {v['fm']['n']} |"
+        "Emission-line flux error against the noiseless truth (lines the truth holds at >= 3 sigma): "
+        "median |error| in units of the DESI-like line-flux noise, and median |error| / true line flux "
+        "(1.0 = no line at all); the spectrum tokenizer's own round trip of the DESI-like observation "
+        "is what the tokens can carry:", "",
+        "| line | omnisky | interpolation | tokenizer round trip | relative: omnisky | interpolation | round trip "
+        "| lines |", "|---|---|---|---|---|---|---|---|",
+        *[f"| {k} | {_fmt(v['fm']['median_abs_err_sigma'])} | {_fmt(v['baseline']['median_abs_err_sigma'])} | "
+          f"{_fmt(v.get('tokenizer_roundtrip', {}).get('median_abs_err_sigma', float('nan')))} | "
+          f"{_fmt(v['fm']['median_abs_rel_err'])} | {_fmt(v['baseline']['median_abs_rel_err'])} | "
+          f"{_fmt(v.get('tokenizer_roundtrip', {}).get('median_abs_rel_err', float('nan')))} | {v['fm']['n']} |"
           for k, v in s["line_flux_error"].items()], "",
         *[f"![superres {i}](figures/superres_{i}.png)" for i in range(3)], "",
         f"## Conditional generation: {c['target']} given {', '.join(c['given'])} ({c['n']} objects)", "",

@@ -169,10 +169,10 @@ class Attention(nn.Module):
             return q, k, v, (-w[:, None, None] * d2[:, None]).to(q.dtype)    # (B, H, Nq, Nk)
         B, H, Nq, d = q.shape
         D = d + 4 + (-(d + 4)) % 8
-        one = torch.ones_like(qxy[..., 0])
-        qf = torch.stack([2 * qxy[..., 0], 2 * qxy[..., 1], -one, -(qxy ** 2).sum(-1)], -1) * q_on[..., None]
-        kf = torch.stack([kxy[..., 0], kxy[..., 1], (kxy ** 2).sum(-1), torch.ones_like(kxy[..., 0])], -1) \
-            * k_on[..., None]                                            # (B, Nk, 4)
+        qf = torch.stack([2 * qxy[..., 0], 2 * qxy[..., 1], -torch.ones_like(qxy[..., 0]), -(qxy ** 2).sum(-1)],
+                         -1) * q_on[..., None]                          # (B, Nq, 4)
+        kf = torch.stack([kxy[..., 0], kxy[..., 1], (kxy ** 2).sum(-1), torch.ones_like(kxy[..., 0])],
+                         -1) * k_on[..., None]                          # (B, Nk, 4)
         qf = w[None, :, None, None] * qf[:, None] * math.sqrt(D)         # (B, H, Nq, 4)
         kf = kf[:, None].expand(-1, H, -1, -1)                           # (B, H, Nk, 4)
         pad = D - d - 4

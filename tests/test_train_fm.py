@@ -174,3 +174,19 @@ def test_training_flops_count_the_matrix_products():
     # cross k/v (2 D^2) per input token; attention 2 D (1^2 + 1 * 2); head D * 16
     dec = 10 * D * D + 2 * (2 * D * D) + 2 * D * (1 + 2) + D * 16
     assert TrainingFlops(model)(batch) == 6 * (enc + dec)
+
+
+def test_a_task_naming_no_modality_fails_at_start(tmp_path):
+    """A masking task that names a modality the token shards lack is refused before training,
+    with the key named, not deep in a data worker."""
+    data = write_token_shards(tmp_path / "tokens", n_objects=20, max_count=10)
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch/accelerate/single.yaml"),
+           "-m", "omnisky.train.fm", "--config", str(ROOT / "launch/fm/tiny.yaml"),
+           "--data", str(data), "--out", str(tmp_path / "run"), *TINY_RUN,
+           "--set", "masking.tasks=[{inputs: [image.zzz], targets: [image.a], prob: 0.1}]"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "MaskingConfig.tasks" in log and "image.zzz" in log, log[-3000:]
+    assert not (tmp_path / "run" / "log.csv").exists()

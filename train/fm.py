@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from ..config import load_config, parse_overrides, to_dict
 from ..fm.data import StepBatches, fixed_batches, step_loader
-from ..fm.masking import MaskingConfig
+from ..fm.masking import MaskingConfig, check_keys
 from ..fm.model import FMConfig, FourM
 from ..fm.modality import ModalityTable
 from ..shards.writer import shard_urls
@@ -214,6 +214,7 @@ def main(argv=None) -> None:
         (out / "STOP").unlink(missing_ok=True)
 
     table = ModalityTable.from_manifest(args.data)
+    check_keys(cfg.masking, table)   # a masking key (or task) naming no modality fails here, not in a worker
     urls = shard_urls(args.data)
     set_seed(cfg.seed)  # same initial weights on every rank
     init_context = model_init_context(accelerator)   # ZeRO-3: built partitioned (train/partitioned.py)

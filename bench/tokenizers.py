@@ -237,7 +237,7 @@ def bench_spectra(tok, train_samples, sim_samples, real: list[Spectrum]) -> dict
         if not recs:
             continue
         ids = np.concatenate([tok.encode(recs[i:i + 16]).numpy() for i in range(0, len(recs), 16)])
-        all_ids.append(ids[:, 1:])                                      # token 0 is the flux scale
+        all_ids.append(ids[:, 1:1 + tok.n_shape_tokens])                # token 0: flux scale; then FSQ; then lines
         decoded = [d for i in range(0, len(recs), 16)
                    for d in tok.decode(torch.from_numpy(ids[i:i + 16]), like=recs[i:i + 16])]
         inr = lambda r: (r.wavelength >= c.lambda_min) & (r.wavelength <= c.lambda_max)
@@ -252,7 +252,7 @@ def bench_spectra(tok, train_samples, sim_samples, real: list[Spectrum]) -> dict
         if pca is not None:
             row["pca"] = pca
             row["beats_pca"] = bool(row[criterion(truth)] < pca[criterion(truth)])
-        row["codes"] = code_use(ids[:, 1:], tok.vocab_size)
+        row["codes"] = code_use(ids[:, 1:1 + tok.n_shape_tokens], tok.vocab_size)
         out[name] = row
     out["codes"] = code_use(np.concatenate(all_ids), tok.vocab_size)
     return out

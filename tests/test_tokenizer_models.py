@@ -239,6 +239,38 @@ def test_spectrum_shapes_scale_token_and_batch_of_one(sky):
     assert bool(allowed.gather(1, ids.T).all()) and bool(allowed.gather(1, ids2.T).all())
 
 
+def test_spectrum_tokenizer_with_line_slots_gives_back_a_line(sky):
+    torch.manual_seed(0)
+    plain = SpectrumTokenizer(SpectrumConfig()).eval()
+    tok = SpectrumTokenizer(SpectrumConfig(line_slots=4, line_min_snr=5.0)).eval()
+    tok.load_state_dict(plain.state_dict())                  # the same conv weights; lines have none
+    assert tok.n_tokens == 65 + 12 and tok.n_shape_tokens == 64
+    rec = sky["spectrum.desi"][0]
+    wl = rec.wavelength
+    centre, sigma_a = 6000.0, 1.0                            # a narrow line, ~40 sigma
+    line = 30.0 * np.exp(-0.5 * ((wl - centre) / sigma_a) ** 2)
+    sharp = dataclasses.replace(rec, flux=(rec.flux + line).astype(np.float32))
+    window = np.abs(wl - centre) < 8
+    dwl = np.gradient(wl)
+    truth_flux = float((line * dwl)[window].sum())
+    ids = tok.encode(sharp)                                  # (1, 77)
+    no_lines = ids.clone()
+    no_lines[0, 65::3], no_lines[0, 66::3], no_lines[0, 67::3] = tok.lines.n_coarse, 0, 0   # every slot empty
+    [with_l], [without] = tok.decode(ids, like=sharp), tok.decode(no_lines, like=sharp)
+    assert float(((with_l.flux - without.flux) * dwl)[window].sum()) == pytest.approx(truth_flux, rel=0.1)
+    assert float(np.abs(with_l.flux - without.flux)[~window].max()) < 1e-3 * line.max()   # only there
+    [back_plain] = plain.decode(plain.encode(sharp), like=sharp)
+    assert torch.equal(plain.encode(sharp), ids[:, :65])         # the same conv tokens before the line slots
+    assert np.allclose(back_plain.flux, without.flux, atol=1e-5)
+    ids = tok.encode([sharp, rec])
+    assert ids.shape == (2, 77)
+    assert bool(tok.allowed_ids().gather(1, ids.T).all())
+    bad = ids[:1].clone()
+    bad[0, 65] = tok.lines.n_coarse + 1                      # past the position range
+    with pytest.raises(ValueError, match="token 65"):
+        tok.decode(bad, like=rec)
+
+
 def test_spectrum_rebinning_propagates_ivar():
     tok = _spectrum_tok()
     wl = 3600.0 + 0.8 * np.arange(7781)                                # DESI-like linear grid

@@ -1,7 +1,7 @@
 """1-D spectra on any wavelength grid -> a flux-scale token + FSQ tokens, one model for
 every instrument; decoded onto any wavelength grid at any resolution.
 
-    tok = SpectrumTokenizer(SpectrumConfig())       # tiny: 2048 px / 32 -> 1 + 64 tokens
+    tok = SpectrumTokenizer(SpectrumConfig())       # 2048 px / 32 -> 1 + 64 tokens (+ 3 per line slot)
     tok.wavelength_range                            # (3500.0, 10500.0) A: SDSS, BOSS, DESI
     ids = tok.encode(sdss_spectra)                  # Spectrum or list of them -> (B, 65)
     [desi] = tok.decode(ids[:1], like=desi_template)   # on like.wavelength, at like.resolution
@@ -47,6 +47,16 @@ spread and one set of tokens decodes at SDSS's or DESI's resolution alike: the
 super-resolution path. Asking for R above `model_resolution` gives lines no sharper than
 the model's (the tiny grid's R is ~950; spectrum-base's ~7500).
 
+Emission lines (`line_slots` > 0; lines.py). The conv tokens learn narrow lines slowly
+(a 30-sigma H-alpha kept at 0-2 % after the tiny config's training), so encode fits what
+their decode misses with up to `line_slots` Gaussian lines (matching pursuit against the
+input's ivar and line spread) and appends 3 tokens per line: position on a quarter-pixel
+grid, flux, velocity dispersion. Decode integrates each line over the target's own pixels
+at the target's own resolution. Round trip on 200 held-out simulated DESI-like spectra
+(demo tokenizer, 8 slots, min_snr 4): H-alpha line flux 0.96 of the truth (|error| median
+0.10) against 0.00 without the line tokens; H-beta 0.92, [OII] 1.00; chi-square against the
+truth 0.0124 (0.0132 without).
+
 Loss: reduced chi-square on the internal grid, sum w (y_hat - y)^2 / n_good, with
 w = ivar * scale_q^2 capped at 1 / min_sigma^2 (no pixel claims a precision better
 than min_sigma in units of the scale). With `blind_spot` = p > 0 (training only), a
@@ -72,8 +82,9 @@ from torch import nn
 from ..shards.schema import RecordError, Spectrum
 from .base import Tokenizer, as_list, register_tokenizer
 from .layers import Downsample, ResBlock, Upsample, conv, norm, pyramid_halvings
+from .lines import SUB, LineCodec
 from .quantizer import FSQuantizer
-from .resample import gaussian_broaden, rebin_matrix, resample_matrix
+from .resample import gaussian_broaden, pixel_edges, rebin_matrix, resample_matrix
 
 R_REF = 3000.0          # resolving power that maps to 0 in the log-resolution input channel
 FWHM_PER_SIGMA = 2.3548
@@ -97,6 +108,12 @@ class SpectrumConfig:
     out_of_range: str = "mask"        # native pixels outside the range: 'mask' (warned, counted) | 'error'
     line_spread: bool = True          # decode/training broaden by the target's/input's resolution
     blind_spot: float = 0.0           # training: fraction of patches hidden from the encoder and scored alone
+    line_slots: int = 0               # emission lines coded explicitly, 3 tokens each (lines.py; 0 = none)
+    line_width_bins: int = 16         # velocity-dispersion bins, 10-1000 km/s
+    line_amp_bins: int = 125          # log10 line-flux bins ...
+    line_log_amp_min: float = -2.0    # ... over this range, in units of the flux scale x internal pixels
+    line_log_amp_max: float = 3.0
+    line_min_snr: float = 5.0         # a line is coded when its matched-filter significance reaches this
 
 
 def weighted_median(x: np.ndarray, w: np.ndarray) -> float:
@@ -139,8 +156,13 @@ class SpectrumTokenizer(Tokenizer):
         if not 2 <= c.scale_bins <= self.quantizer.vocab_size:
             raise ValueError(f"SpectrumConfig.scale_bins must lie in [2, vocab {self.quantizer.vocab_size}], "
                              f"got {c.scale_bins}")
+        if c.line_slots < 0:
+            raise ValueError(f"SpectrumConfig.line_slots must be >= 0, got {c.line_slots}")
         self.ln_min, self.ln_max = float(np.log(c.lambda_min)), float(np.log(c.lambda_max))
         self.dln = (self.ln_max - self.ln_min) / c.n_pixels
+        self.lines = LineCodec(c.n_pixels, self.dln, c.line_slots, self.quantizer.vocab_size, c.line_amp_bins,
+                               c.line_width_bins, c.line_min_snr, c.line_log_amp_min,
+                               c.line_log_amp_max) if c.line_slots else None
         self.ln_centres = self.ln_min + self.dln * (np.arange(c.n_pixels) + 0.5)   # (n,) internal grid
         self.n_out_of_range = 0                                          # native pixels masked so far
         widths = [min(c.channels * 2 ** k, c.hidden) for k in range(halvings + 1)]
@@ -168,7 +190,12 @@ class SpectrumTokenizer(Tokenizer):
 
     @property
     def n_tokens(self) -> int:
-        return 1 + self.config.n_pixels // self.config.downsample
+        return 1 + self.n_shape_tokens + 3 * self.config.line_slots
+
+    @property
+    def n_shape_tokens(self) -> int:
+        """The conv (FSQ) tokens, after the flux-scale token and before the line tokens."""
+        return self.config.n_pixels // self.config.downsample
 
     @property
     def device(self) -> torch.device:
@@ -192,9 +219,12 @@ class SpectrumTokenizer(Tokenizer):
 
     # -- flux scale token ----------------------------------------------------------------
     def allowed_ids(self) -> torch.Tensor:
-        """(n_tokens, vocab_size): token 0 is the flux scale, which has `scale_bins` values."""
+        """(n_tokens, vocab_size): token 0 is the flux scale, which has `scale_bins` values;
+        the line tokens (if any) take the ranges of lines.py."""
         allowed = super().allowed_ids()
         allowed[0, self.config.scale_bins:] = False
+        if self.lines is not None:
+            allowed[1 + self.n_shape_tokens:] = self.lines.allowed(self.vocab_size)
         return allowed
 
     def scale_token(self, scale: np.ndarray) -> np.ndarray:
@@ -222,6 +252,11 @@ class SpectrumTokenizer(Tokenizer):
         s_target = 1.0 / (FWHM_PER_SIGMA * np.asarray(resolution, dtype=np.float64))
         s_model = 1.0 / (FWHM_PER_SIGMA * self.model_resolution)
         return np.sqrt(np.clip(s_target ** 2 - s_model ** 2, 0, None)) / self.dln
+
+    def lsf_px(self, resolution: np.ndarray) -> np.ndarray:
+        """(..., n) resolving power -> the instrument's Gaussian line-spread sigma in internal
+        pixels (what an unresolved emission line looks like; lines.py)."""
+        return 1.0 / (FWHM_PER_SIGMA * np.asarray(resolution, dtype=np.float64) * self.dln)
 
     def rebin(self, rec: Spectrum) -> tuple[np.ndarray, np.ndarray]:
         """A Spectrum -> (flux, ivar) on the internal grid, each (n_pixels,); ivar 0 = no data."""
@@ -271,7 +306,7 @@ class SpectrumTokenizer(Tokenizer):
         device = self.device
         t = lambda a, dtype=torch.float32: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
         return dict(y=t(y), w=t(w), good=t(good, torch.bool), log_r=t(np.log(R / R_REF)),
-                    sigma=t(self.line_spread_px(R)), token=t(token, torch.long))
+                    sigma=t(self.line_spread_px(R)), lsf=t(self.lsf_px(R)), token=t(token, torch.long))
 
     # -- the network -------------------------------------------------------------------
     def encode_latent(self, y: torch.Tensor, good: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
@@ -294,11 +329,17 @@ class SpectrumTokenizer(Tokenizer):
     # -- the contract ------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, records) -> torch.LongTensor:
-        """One Spectrum or a list (any wavelength grid) -> (B, 1 + n_pixels / downsample):
-        the flux-scale token, then the shape tokens blue to red."""
+        """One Spectrum or a list (any wavelength grid) -> (B, n_tokens): the flux-scale
+        token, the shape tokens blue to red (n_pixels / downsample), then the emission-line
+        tokens (2 line_slots, lines.py), fitted to what the shape tokens' decode misses."""
         batch = self._prepare(as_list(records))
-        _, ids, _ = self.quantizer(self.encode_latent(batch["y"], batch["good"], batch["log_r"]))
-        return torch.cat([batch["token"][:, None], ids], dim=1)          # (B, n_tokens)
+        z_q, ids, _ = self.quantizer(self.encode_latent(batch["y"], batch["good"], batch["log_r"]))
+        out = [batch["token"][:, None], ids]
+        if self.lines is not None:
+            resid = batch["y"] - self.decode_latent(z_q, batch["sigma"])          # (B, n)
+            lines = self.lines.fit(resid * batch["good"], batch["w"], batch["lsf"])
+            out.append(self.lines.to_tokens(lines))
+        return torch.cat(out, dim=1)                                     # (B, n_tokens)
 
     def _check_template(self, t) -> np.ndarray:
         c = self.config
@@ -339,17 +380,28 @@ class SpectrumTokenizer(Tokenizer):
         if tokens.numel() and tokens[:, 0].max() >= self.config.scale_bins:
             raise ValueError(f"SpectrumTokenizer.decode: token 0 (flux scale) must lie in "
                              f"[0, {self.config.scale_bins}), got {int(tokens[:, 0].max())}")
+        bad = ~self.allowed_ids().gather(1, tokens.cpu().T).T                        # (B, n_tokens)
+        if bad.any():
+            b, i = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"SpectrumTokenizer.decode: row {b}, token {i} (id {int(tokens[b, i])}) is outside "
+                             "the ids that position takes (allowed_ids())")
         c, device = self.config, self.device
+        n_shape = self.n_shape_tokens
         sigma = np.stack([self.line_spread_px(self._resolution(t)) for t in likes])   # (B, n)
-        z_q = self.quantizer.codes(tokens[:, 1:].to(device), (self.n_tokens - 1,))   # (B, d, n / ds)
+        z_q = self.quantizer.codes(tokens[:, 1:1 + n_shape].to(device), (n_shape,))   # (B, d, n / ds)
         y_hat = self.decode_latent(z_q, torch.as_tensor(sigma, dtype=torch.float32, device=device))
         y_hat = y_hat.cpu().numpy().astype(np.float64)                              # (B, n)
         scale = self.scale_value(tokens[:, 0].cpu().numpy())                         # (B,)
+        if self.lines is not None:
+            lines = self.lines.from_tokens(tokens[:, 1 + n_shape:].cpu())
         out = []
         for b, (t, wl) in enumerate(zip(likes, grids)):
             outside = (wl < c.lambda_min) | (wl > c.lambda_max)             # masked: nothing decoded there
             A = resample_matrix(np.log(wl).tobytes(), self.ln_min, self.ln_max, c.n_pixels)
-            flux = np.where(outside, 0.0, (A @ y_hat[b]) * scale[b]).astype(np.float32)
+            y_t = A @ y_hat[b]                                               # (L,) in units of the scale
+            if self.lines is not None:
+                y_t = y_t + self._lines_on(lines.row(b), t, wl)
+            flux = np.where(outside, 0.0, y_t * scale[b]).astype(np.float32)
             ivar = _template_ivar(t.ivar, wl)
             ivar[outside] = 0.0
             out.append(Spectrum(flux=flux, ivar=ivar, mask=outside,
@@ -357,6 +409,18 @@ class SpectrumTokenizer(Tokenizer):
                                 resolution=np.asarray(t.resolution, dtype=np.float32).copy(),
                                 object_id=t.object_id))
         return out
+
+    def _lines_on(self, lines, like: Spectrum, wl: np.ndarray) -> np.ndarray:
+        """One spectrum's Lines (K,) -> (L,) their flux on `like`'s pixels at `like`'s
+        resolution, in units of the flux scale (lines.py: exact pixel integrals)."""
+        if not bool((lines.pos >= 0).any()):
+            return np.zeros(len(wl))
+        edges_u = (pixel_edges(np.log(wl)) - self.ln_min) / self.dln - 0.5           # (L + 1,)
+        ln_q = self.ln_min + (lines.pos.double().numpy() / SUB + 0.5) * self.dln        # (K,) line centres
+        R = np.asarray(like.resolution, dtype=np.float64)
+        R = np.interp(ln_q, np.log(wl), np.where(np.isfinite(R) & (R > 0), R, R_REF))
+        y = self.lines.render(lines, torch.as_tensor(edges_u), torch.as_tensor(self.lsf_px(R)))
+        return y.double().numpy()
 
     def training_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
         """Reduced chi-square of the reconstruction, broadened to each input's resolution,

@@ -34,6 +34,13 @@ Code geometry. A modality whose ids lie on a grid of codes states `code_levels`:
 levels of the image and spectrum tokenizers, (n_bins,) for a scalar's ordered bins
 (`Tokenizer.code_levels`, written by omnisky-tokenize). The FM then places each id by its
 coordinates on that grid as well as by its own learned row (fm.codes). () = none.
+A modality whose positions hold ids of different kinds states `code_segments`, runs of
+(n positions, levels) in token order covering all its tokens: the spectrum tokenizer's
+flux-scale bin (one position, (scale_bins,)), its FSQ codes, then per emission line a
+position bin, a (flux bin, sub-position) pair and a (width bin, sub-position) pair. Each
+distinct grid gets its own features, applied only at its positions; ids beyond a
+segment's grid (ones it never takes) get none. Without code_segments, code_levels covers
+every position.
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ class ModalitySpec:
     token_space: str = ""   # modalities naming the same space share embeddings ("" = the key)
     cell_arcsec: float = 0.0   # side of a token cell on the sky, for square token grids (0 = none)
     code_levels: tuple[int, ...] = ()   # the ids' grid of codes, axis 0 fastest (() = none; fm.codes)
+    code_segments: tuple = ()           # ((n positions, levels), ...) in token order (default: code_levels everywhere)
 
     def __post_init__(self):
         if not self.token_space:
@@ -60,6 +68,15 @@ class ModalitySpec:
         if self.code_levels and (math.prod(self.code_levels) != int(self.vocab_size) or min(self.code_levels) < 2):
             raise ValueError(f"modality {self.key!r}: code_levels {self.code_levels} must be >= 2 each with "
                              f"product vocab_size {self.vocab_size}")
+        segs = tuple((int(n), tuple(int(l) for l in lv)) for n, lv in self.code_segments)
+        if not segs and self.code_levels:
+            segs = ((int(self.n_tokens), self.code_levels),)
+        object.__setattr__(self, "code_segments", segs)
+        if segs and (sum(n for n, _ in segs) != int(self.n_tokens) or any(n < 1 for n, _ in segs)
+                     or any(not lv or min(lv) < 2 or math.prod(lv) > int(self.vocab_size) for _, lv in segs)):
+            raise ValueError(f"modality {self.key!r}: code_segments {[[n, list(lv)] for n, lv in segs]} must cover "
+                             f"its {self.n_tokens} tokens in runs of >= 1, each grid with levels >= 2 and at most "
+                             f"vocab_size {self.vocab_size} codes")
         if not self.key or "." not in self.key:
             raise ValueError(f"modality key {self.key!r} must look like 'kind.name'")
         if int(self.vocab_size) < 1 or int(self.n_tokens) < 1:
@@ -99,11 +116,11 @@ class ModalityTable:
         for s in specs:
             if s.token_space in spaces:
                 first, sv, sp = spaces[s.token_space]
-                if (first.vocab_size, first.n_tokens, first.code_levels) != (s.vocab_size, s.n_tokens, s.code_levels):
+                if (first.vocab_size, first.n_tokens, first.code_segments) != (s.vocab_size, s.n_tokens, s.code_segments):
                     raise ValueError(f"modalities {first.key!r} and {s.key!r} share token space "
-                                     f"{s.token_space!r} but differ in vocab_size/n_tokens/code_levels: "
-                                     f"{first.vocab_size}/{first.n_tokens}/{first.code_levels} vs "
-                                     f"{s.vocab_size}/{s.n_tokens}/{s.code_levels}")
+                                     f"{s.token_space!r} but differ in vocab_size/n_tokens/code geometry: "
+                                     f"{first.vocab_size}/{first.n_tokens}/{first.code_segments} vs "
+                                     f"{s.vocab_size}/{s.n_tokens}/{s.code_segments}")
             else:
                 spaces[s.token_space] = (s, v, p)
                 self.spaces.append((s, v))
@@ -164,13 +181,16 @@ class ModalityTable:
             if missing:
                 raise ValueError(f"modality {key!r}: missing {missing} in {dict(d)}")
             specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"]), str(d.get("token_space", "")),
-                                      float(d.get("cell_arcsec", 0.0)), tuple(d.get("code_levels", ()))))
+                                      float(d.get("cell_arcsec", 0.0)), tuple(d.get("code_levels", ())),
+                                      tuple(tuple(x) for x in d.get("code_segments", ()))))
         return cls(specs)
 
     def to_dict(self) -> dict[str, dict]:
         return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens, "token_space": s.token_space,
                         **({"cell_arcsec": s.cell_arcsec} if s.cell_arcsec > 0 else {}),
-                        **({"code_levels": list(s.code_levels)} if s.code_levels else {})}
+                        **({"code_levels": list(s.code_levels)} if s.code_levels else {}),
+                        **({"code_segments": [[n, list(lv)] for n, lv in s.code_segments]}
+                           if s.code_segments and s.code_segments != ((s.n_tokens, s.code_levels),) else {})}
                 for s in self.specs}
 
     @classmethod
@@ -193,7 +213,8 @@ class ModalityTable:
         (one tokenizer per kind, as omnisky-tokenize and the Pipeline hold them)."""
         return cls([ModalitySpec(k, int(t.vocab_size), int(t.n_tokens),
                                  t.kind if getattr(t, "shared_vocabulary", False) else k,
-                                 code_levels=tuple(getattr(t, "code_levels", ())))
+                                 code_levels=tuple(getattr(t, "code_levels", ())),
+                                 code_segments=tuple(getattr(t, "code_segments", ())))
                     for k, t in tokenizers.items()])
 
     def to_json(self) -> str:

@@ -81,7 +81,7 @@ class FMConfig:
     sky_attention: bool = False  # attention between sky tokens biased by -w_h * distance^2 (arcsec),
                                  # a learned width per head and layer (Attention.sky_log_w)
     code_geometry: bool = True   # ids also embedded (and scored) by their place on the tokenizer's
-                                 # code grid where the table gives code_levels (fm.codes)
+                                 # code grid where the table gives code_levels / code_segments (fm.codes)
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -226,20 +226,30 @@ class FourM(nn.Module):
             self.register_buffer("grid_side", torch.tensor([max(spec.grid_side, 1) for spec in table]), persistent=False)
             self.register_buffer("sky_freqs", torch.tensor(SKY_FREQUENCIES), persistent=False)
             self.sky_pos = nn.Linear(4 * len(SKY_FREQUENCIES), D, bias=False)
-        self.code = config.code_geometry and any(spec.code_levels for spec, _ in table.spaces)
-        if self.code:   # one block of columns per token space with a code grid (fm.codes)
-            blocks, cols, c = [], {}, 0
-            for spec, offset in table.spaces:
-                if spec.code_levels:
-                    f = code_features(spec.code_levels)                                 # (V_s, P_s)
-                    blocks.append((offset, c, f))
-                    cols[spec.token_space] = (c, c + f.shape[1])
-                    c += f.shape[1]
-            feats = torch.zeros(table.total_vocab, c)                                   # (V_total, P)
-            for offset, c0, f in blocks:
-                feats[offset:offset + len(f), c0:c0 + f.shape[1]] = f
+        self.code = config.code_geometry and any(spec.code_segments for spec, _ in table.spaces)
+        if self.code:   # rows and columns of features per distinct grid of each token space (fm.codes)
+            kinds, blocks, r, c = {}, [], 0, 0
+            pos_kind = torch.full((table.total_positions,), -1, dtype=torch.long)    # grid of each position
+            for spec, _ in table.spaces:
+                p = table.position_offsets[table.index(spec.key)]
+                for n, levels in spec.code_segments:
+                    if (spec.token_space, levels) not in kinds:
+                        f = code_features(levels)                                      # (prod(levels), P_k)
+                        kinds[(spec.token_space, levels)] = len(blocks)
+                        blocks.append((r, len(f), c, c + f.shape[1], f))
+                        r, c = r + len(f), c + f.shape[1]
+                    pos_kind[p:p + n] = kinds[(spec.token_space, levels)]
+                    p += n
+            feats = torch.zeros(r, c)                                                  # (rows, P) block diagonal
+            for r0, size, c0, c1, f in blocks:
+                feats[r0:r0 + size, c0:c1] = f
             self.register_buffer("code_feats", feats, persistent=False)
-            self.code_cols = [cols.get(spec.token_space) for spec in table]              # per modality
+            self.register_buffer("code_pos_kind", pos_kind, persistent=False)
+            self.register_buffer("code_kind_row", torch.tensor([b[0] for b in blocks]), persistent=False)
+            self.register_buffer("code_kind_size", torch.tensor([b[1] for b in blocks]), persistent=False)
+            self.code_kinds = [b[:4] for b in blocks]                                  # (row0, size, col0, col1)
+            self.code_mod_kinds = [sorted({int(k) for k in pos_kind[o:o + s.n_tokens] if k >= 0})
+                                   for s, o in zip(table, table.position_offsets)]     # per modality
             self.code_in = nn.Linear(c, D, bias=False)      # features -> a term of the token embedding
             self.code_out = nn.Linear(D, c, bias=False)     # hidden -> a term of each head's logits
         self._init_weights()
@@ -300,21 +310,28 @@ class FourM(nn.Module):
         """Gathered (budgeted) real tokens (T,) -> (T, D): token + modality + position. With
         code geometry the token's term is its learned row plus a learned map of its code's
         Fourier features (fm.codes)."""
-        rows = ids + self.vocab_offsets[mod]
-        tok = self.tok_emb(rows)
-        if self.code:
-            tok = tok + self.code_in(self.code_feats[rows])
+        tok = self.tok_emb(ids + self.vocab_offsets[mod])
+        if self.code:   # the features of the id on its position's grid (none beyond the grid)
+            kind = self.code_pos_kind[pos + self.position_offsets[mod]]                  # (T,)
+            k = kind.clamp_min(0)
+            on = (kind >= 0) & (ids < self.code_kind_size[k])
+            tok = tok + self.code_in(self.code_feats[torch.where(on, self.code_kind_row[k] + ids, 0)] * on[:, None])
         return tok + self.mod_emb(mod) + self._positions(mod, pos)
 
-    def _head_logits(self, m: int, h: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """Modality m's logits (T_m, V_m) from hidden rows h (T_m, D): its head, plus with code
-        geometry g @ features^T, g = code_out(h) (T_m, P): the logit of code k gains a smooth
-        function of k's place on the grid, shared by the modalities of one token space."""
+    def _head_logits(self, m: int, h: torch.Tensor, g: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        """Modality m's logits (..., V_m) from hidden rows h (..., D) at token positions pos
+        (...): its head, plus with code geometry, for the rows on each grid of the modality,
+        g[:, grid's columns] @ features^T, g = code_out(h) (..., P): the logit of code k gains
+        a smooth function of k's place on the grid, shared by the modalities of one token space."""
         logits = self.heads[m](h)
-        cols = self.code_cols[m] if self.code else None
-        if cols is not None:
-            off, V = self.table.vocab_offsets[m], self.table.specs[m].vocab_size
-            logits = logits + g[..., cols[0]:cols[1]] @ self.code_feats[off:off + V, cols[0]:cols[1]].T
+        if not self.code:
+            return logits
+        V = self.table.specs[m].vocab_size
+        kind = self.code_pos_kind[pos + self.table.position_offsets[m]]                 # (...)
+        for k in self.code_mod_kinds[m]:
+            r0, size, c0, c1 = self.code_kinds[k]
+            term = g[..., c0:c1] @ self.code_feats[r0:r0 + size, c0:c1].T                # (..., size)
+            logits = logits + F.pad(torch.where((kind == k)[..., None], term, 0.0), (0, V - size))
         return logits
 
     def _queries(self, mod, pos):
@@ -371,14 +388,15 @@ class FourM(nn.Module):
         h, layout = self._decode(context, enc_layout, dec_mod, dec_pos, dec_pad, enc[1], enc[2])   # (T, D)
         if not layout.tokens:
             raise ValueError("batch has no target tokens (every dec_pad is True)")
-        mod, targets = layout.pack(dec_mod), layout.pack(dec_targets)                     # (T,)
+        mod, pos, targets = layout.pack(dec_mod), layout.pack(dec_pos), layout.pack(dec_targets)   # (T,)
         order = torch.argsort(mod, stable=True)                                           # grouped by modality
         counts = torch.bincount(mod, minlength=len(self.table)).tolist()
         h = h[order]
         g = self.code_out(h).split(counts) if self.code else [None] * len(counts)        # (T_m, P) each
         losses, unused = {}, h.new_zeros(())
-        for m, (spec, hm, gm, tm) in enumerate(zip(self.table, h.split(counts), g, targets[order].split(counts))):
-            logits = self._head_logits(m, hm, gm)                                         # (T_m, V_m)
+        for m, (spec, hm, gm, pm, tm) in enumerate(zip(self.table, h.split(counts), g, pos[order].split(counts),
+                                                       targets[order].split(counts))):
+            logits = self._head_logits(m, hm, gm, pm)                                     # (T_m, V_m)
             if counts[m]:
                 losses[spec.key] = F.cross_entropy(logits.float(), tm)
             else:  # keep every head in the graph (DDP / ZeRO expect a gradient for each)
@@ -455,8 +473,8 @@ class FourM(nn.Module):
         h = layout.unpack(h)                                                # (B, M, D)
         g = self.code_out(h).split(sizes, dim=1) if self.code else [None] * len(sizes)
         out = {}
-        for key, hk, gk in zip(targets, h.split(sizes, dim=1), g):          # (B, m, D) each
-            out[key] = self._head_logits(self.table.index(key), hk, gk)     # (B, m, V_key)
+        for key, hk, gk, pk in zip(targets, h.split(sizes, dim=1), g, poss):   # (B, m, D) each
+            out[key] = self._head_logits(self.table.index(key), hk, gk, pk)       # (B, m, V_key)
         return out
 
     # -- saving --------------------------------------------------------------------------

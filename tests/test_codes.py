@@ -39,8 +39,51 @@ def test_table_states_and_checks_code_levels():
     assert [(s.key, off) for s, off in table.spaces] == [("image.a", 0), ("scalar.w", 40), ("scalar.z", 56)]
     with pytest.raises(ValueError, match="product vocab_size"):
         ModalityTable.from_dict({"scalar.z": {"vocab_size": 16, "n_tokens": 1, "code_levels": [8]}})
-    with pytest.raises(ValueError, match="code_levels"):
+    with pytest.raises(ValueError, match="code geometry"):
         ModalityTable.from_dict(dict(d, **{"image.b": dict(d["image.b"], code_levels=[5, 8])}))
+
+
+SEGMENTED = {"spectrum.s": {"vocab_size": 40, "n_tokens": 5, "token_space": "spectrum", "code_levels": [8, 5],
+                            "code_segments": [[1, [16]], [3, [8, 5]], [1, [4, 2]]]},
+             "spectrum.t": {"vocab_size": 40, "n_tokens": 5, "token_space": "spectrum", "code_levels": [8, 5],
+                            "code_segments": [[1, [16]], [3, [8, 5]], [1, [4, 2]]]}}
+
+
+def test_code_segments_put_each_position_on_its_own_grid():
+    table = ModalityTable.from_dict(SEGMENTED)
+    assert table["spectrum.t"].code_segments == ((1, (16,)), (3, (8, 5)), (1, (4, 2)))
+    assert ModalityTable.from_dict(table.to_dict()) == table
+    plain = ModalityTable.from_dict({"image.a": {"vocab_size": 40, "n_tokens": 4, "code_levels": [8, 5]}})
+    assert plain["image.a"].code_segments == ((4, (8, 5)),) and "code_segments" not in plain.to_dict()["image.a"]
+    seg = lambda segs: {"spectrum.s": dict(SEGMENTED["spectrum.s"], code_segments=segs)}
+    for bad in ([[1, [16]], [3, [8, 5]]], [[1, [64]], [3, [8, 5]], [1, [4, 2]]], [[1, [1, 4]], [4, [8, 5]]]):
+        with pytest.raises(ValueError, match="code_segments"):
+            ModalityTable.from_dict(seg(bad))
+    with pytest.raises(ValueError, match="code geometry"):
+        ModalityTable.from_dict(dict(SEGMENTED, **seg([[2, [16]], [2, [8, 5]], [1, [4, 2]]])))
+    torch.manual_seed(0)
+    model = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table).eval()
+    f16, f85, f42 = code_features((16,)), code_features((8, 5)), code_features((4, 2))
+    assert model.code_in.in_features == f16.shape[1] + f85.shape[1] + f42.shape[1]
+    # position 0 on the 16-bin grid, 1-3 on FSQ's, 4 on the (4, 2) grid; id 10 at 4 lies beyond it
+    ids, pos = torch.tensor([3, 3, 10, 7]), torch.tensor([0, 1, 4, 4])
+    mod = torch.zeros(4, dtype=torch.long)
+    W, c = model.code_in.weight, [0, f16.shape[1], f16.shape[1] + f85.shape[1], model.code_in.in_features]
+    code = torch.stack([W[:, c[0]:c[1]] @ f16[3], W[:, c[1]:c[2]] @ f85[3], torch.zeros(32), W[:, c[2]:c[3]] @ f42[7]])
+    expect = model.tok_emb(ids) + code + model.mod_emb(mod) + model._positions(mod, pos)
+    torch.testing.assert_close(model._embed_tokens(ids, mod, pos), expect)
+    # logits: at position 0 the ids past the 16 bins get the head's logit alone, at 4 those past 8
+    with torch.no_grad():
+        model.code_out.weight.normal_()
+        x = {"spectrum.s": torch.tensor([[1, 2, 3, 4, 5]])}
+        out = model.logits(x, {"spectrum.t": torch.tensor([[0, 1, 4]])})["spectrum.t"][0]     # (3, 40)
+        model_heads_only = model.code_out.weight.clone()
+        model.code_out.weight.zero_()
+        bare = model.logits(x, {"spectrum.t": torch.tensor([[0, 1, 4]])})["spectrum.t"][0]
+        model.code_out.weight.copy_(model_heads_only)
+    assert torch.equal(out[0, 16:], bare[0, 16:]) and not torch.allclose(out[0, :16], bare[0, :16])
+    assert not torch.allclose(out[1], bare[1])
+    assert torch.equal(out[2, 8:], bare[2, 8:]) and not torch.allclose(out[2, :8], bare[2, :8])
 
 
 def _pair_table(levels=True):

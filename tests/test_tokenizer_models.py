@@ -245,6 +245,15 @@ def test_spectrum_tokenizer_with_line_slots_gives_back_a_line(sky):
     tok = SpectrumTokenizer(SpectrumConfig(line_slots=4, line_min_snr=5.0)).eval()
     tok.load_state_dict(plain.state_dict())                  # the same conv weights; lines have none
     assert tok.n_tokens == 65 + 12 and tok.n_shape_tokens == 64
+    from omnisky.fm.modality import ModalityTable   # each position's ids on their own grid (fm.modality)
+    spec = ModalityTable.from_tokenizers({"spectrum.desi": tok})["spectrum.desi"]
+    assert spec.code_segments[:3] == ((1, (128,)), (64, (8, 5, 5, 5)), (1, (tok.lines.n_coarse + 1,)))
+    assert sum(n for n, _ in spec.code_segments) == 77
+    allowed = tok.allowed_ids()
+    p = 0
+    for n, levels in spec.code_segments:          # every id a position may take lies on its grid
+        assert int(allowed[p:p + n].sum(1).max()) <= int(np.prod(levels))
+        p += n
     rec = sky["spectrum.desi"][0]
     wl = rec.wavelength
     centre, sigma_a = 6000.0, 1.0                            # a narrow line, ~40 sigma

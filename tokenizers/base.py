@@ -70,6 +70,12 @@ class Tokenizer(nn.Module):
         (n_bins,) for ordered bins; () when ids have no such order."""
         return ()
 
+    @property
+    def code_segments(self) -> tuple:
+        """((n positions, levels), ...) in token order: the grid each position's ids lie on
+        (fm.modality); by default code_levels at every position."""
+        return ((self.n_tokens, self.code_levels),) if self.code_levels else ()
+
     def allowed_ids(self) -> torch.Tensor:
         """BoolTensor (n_tokens, vocab_size): the ids each token position may take (what a
         sampler may draw). Every id everywhere, unless a tokenizer says otherwise."""

@@ -95,6 +95,12 @@ class LineCodec:
     def n_tokens(self) -> int:
         return 3 * self.slots
 
+    @property
+    def code_segments(self) -> tuple:
+        """The grids the ids of each slot's three tokens lie on (fm.modality), axis 0 fastest:
+        coarse position; (flux bin, sub-position); (width bin, sub-position)."""
+        return ((1, (self.n_coarse + 1,)), (1, (self.amp_bins, FINE)), (1, (self.width_bins, 2))) * self.slots
+
     def allowed(self, vocab: int) -> torch.Tensor:
         """(3K, vocab) bool: positions take [0, n_coarse], fluxes [0, FINE amp_bins), widths [0, 2 width_bins)."""
         out = torch.zeros(self.n_tokens, vocab, dtype=torch.bool)

@@ -189,6 +189,13 @@ class SpectrumTokenizer(Tokenizer):
         return tuple(self.quantizer.levels)
 
     @property
+    def code_segments(self) -> tuple:
+        """Token 0 on the flux-scale bins' 1-D grid, the FSQ codes on FSQ's, each line's
+        three tokens on theirs (lines.py)."""
+        segs = ((1, (self.config.scale_bins,)), (self.n_shape_tokens, self.code_levels))
+        return segs + (self.lines.code_segments if self.lines is not None else ())
+
+    @property
     def n_tokens(self) -> int:
         return 1 + self.n_shape_tokens + 3 * self.config.line_slots
 

@@ -19,8 +19,9 @@ Each token sample is `codec.encode_tokens(object_id, {key: int32 (n,)},
 meta={'params': ..., 'present': [keys]})`. Modalities with no tokenizer are skipped and
 counted; an object with a bad record is skipped with a warning naming it and counted.
 The manifest's `modalities` ({key: {kind, vocab_size, n_tokens, tokenizer, token_space,
-[cell_arcsec], [code_levels]}}, cell_arcsec for images: the token cell's side on the sky;
-code_levels: the grid the ids lie on, fm.codes) is
+[cell_arcsec], [code_levels], [code_segments]}}, cell_arcsec for images: the token cell's
+side on the sky; code_levels / code_segments: the grid the ids lie on, per position where
+positions differ (fm.codes, fm.modality)) is
 what the FM builds its modality table from; `token_space` names the tokenizer for
 modalities whose ids mean the same thing (image.des and image.hsc), else the key itself.
 """
@@ -198,6 +199,8 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
                                token_space=modality_kind(key) if tok.shared_vocabulary else key)
         if tok.code_levels:   # the FM's code geometry (fm.codes)
             modalities[key]["code_levels"] = list(tok.code_levels)
+        if tok.code_segments and tok.code_segments != ((tok.n_tokens, tok.code_levels),):
+            modalities[key]["code_segments"] = [[n, list(lv)] for n, lv in tok.code_segments]
         cells = [c for r in results for c in r["cells"].get(key, [])]
         if cells:   # the FM's sky positions (fm.modality); one survey's stamps share a pixel scale
             modalities[key]["cell_arcsec"] = round(float(np.median(cells)), 6)

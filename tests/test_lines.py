@@ -81,3 +81,17 @@ def test_tokens_round_trip_within_a_flux_bin_and_obey_allowed():
     assert float((y2 * fine.diff()).sum()) == pytest.approx(float(back_amp[1, 0]), rel=1e-3)
     with pytest.raises(ValueError, match="vocab is 300"):
         LineCodec(N, DLN, slots=2, vocab=300)
+
+
+def test_fit_does_not_depend_on_the_batch():
+    codec = LineCodec(N, DLN, slots=3, vocab=1000, min_snr=4.0)
+    g = torch.Generator().manual_seed(2)
+    resid = 0.1 * torch.randn(3, N, generator=g)
+    resid[0] += gaussian(300.25, 4.0, 0.7)
+    resid[2] += gaussian(1500.0, 9.0, 2.5)
+    lsf = torch.tensor([0.2, 0.5, 3.0])[:, None].expand(3, N)              # very different line spreads
+    together = codec.fit(resid, torch.full((3, N), 100.0), lsf)
+    for b in range(3):
+        alone = codec.fit(resid[b:b + 1], torch.full((1, N), 100.0), lsf[b:b + 1])
+        assert all(torch.equal(x[b:b + 1], y) for x, y in zip(together, alone))
+    assert int((together.pos >= 0).sum()) >= 2

@@ -200,7 +200,7 @@ def test_train_spectrum_figures_and_resume_at_the_checkpoint(tokdir, sky, capsys
     assert [int(r["step"]) for r in rows] == [1, 2] and float(rows[-1]["eval_chi2"]) > 0
     assert (out / "figures" / "recon-step-2.png").stat().st_size > 1000
     tok = load_tokenizer(out)
-    assert tok.wavelength_range == (3500.0, 10500.0) and tok.n_tokens == 65
+    assert tok.wavelength_range == (3500.0, 10500.0) and tok.n_tokens == 1 + 64 + 3 * 8   # + 8 line slots
     w2 = {k: v.clone() for k, v in tok.state_dict().items()}
     capsys.readouterr()                          # resuming a finished run: same step, same weights
     _train("--config", ROOT / "launch/tokenizers/spectrum-tiny.yaml", "--data", sky, "--out", out,

@@ -30,7 +30,8 @@ input's resolution.
 Fit (greedy matching pursuit, no gradients). For every candidate position, with a
 template of sigma_v = 100 km/s, the ivar-weighted least-squares fit of template t plus a
 constant (the local continuum the conv tokens got wrong) to the residual r over a window of
-4 sigma + LOCAL_PX pixels each side: A = Cov_w(t, r) / Var_w(t), chi-square gain
+4 sigma + LOCAL_PX pixels each side (sigma of the widest line spread allowed, that of
+R = MIN_RESOLUTION, so that a spectrum's fit does not depend on its batch): A = Cov_w(t, r) / Var_w(t), chi-square gain
 A Cov_w(t, r) (weighted sums), so a smooth continuum error is not mistaken for a line. The
 best candidate with A > 0 is kept if its significance sqrt(gain) >= `min_snr`; at that
 position every width is tried and the best kept; its template (not the constant) is
@@ -58,6 +59,7 @@ MIN_SIGMA_PX = 0.05                  # floor on a line's width (internal px)
 C_KMS = 299792.458
 SIGMA_V_RANGE = (10.0, 1000.0)       # km/s, the width bins' range (log-spaced centres)
 DETECT_SIGMA_V = 100.0               # km/s, the detection template's width
+MIN_RESOLUTION = 1000.0              # line spreads are capped at this R's (fixed windows: batch-independent fits)
 
 
 class Lines(NamedTuple):
@@ -87,6 +89,10 @@ class LineCodec:
             raise ValueError("SpectrumConfig: need line_log_amp range increasing, line_amp_bins >= 2, "
                              f"line_width_bins >= 1, line_min_snr > 0; got {amp_bins}, {width_bins}, {min_snr}, "
                              f"{log_amp_min}, {log_amp_max}")
+        self.max_lsf_u = 1.0 / (2.3548 * MIN_RESOLUTION * self.dln)
+        detect = math.hypot(DETECT_SIGMA_V / C_KMS / self.dln, self.max_lsf_u)
+        widest = math.hypot(SIGMA_V_RANGE[1] / C_KMS / self.dln, self.max_lsf_u)
+        self.half, self.half_w = (int(math.ceil(4 * v)) + LOCAL_PX for v in (detect, widest))   # window half-widths, px
         lo, hi = (math.log10(v) for v in SIGMA_V_RANGE)
         step = (hi - lo) / self.width_bins
         self.sigma_v = 10 ** (lo + step * (torch.arange(self.width_bins).float() + 0.5))   # (Nw,) km/s
@@ -122,13 +128,13 @@ class LineCodec:
         B, n = resid.shape
         dev = resid.device
         r, w = resid.float().clone(), w.float()
+        lsf_u = lsf_u.float().clamp(max=self.max_lsf_u)
         detect_u = torch.sqrt((DETECT_SIGMA_V / C_KMS / self.dln) ** 2 + lsf_u.float() ** 2).clamp_min(MIN_SIGMA_PX)
         j = torch.arange(self.n_pos, device=dev)
-        win, t, inside = self._templates(j, detect_u[:, (j // SUB).clamp(max=n - 1)], n)   # (J, W), (B, J, W)
+        win, t, inside = self._templates(j, detect_u[:, (j // SUB).clamp(max=n - 1)], n, self.half)   # (J, W), (B, J, W)
         w_win = w[:, win] * inside
         den, swt, sw = _design(w_win, t)
-        widest = self.sigma_u(torch.tensor(self.width_bins - 1), lsf_u.max()).item() if B else 1.0
-        half_w = int(math.ceil(4 * widest)) + LOCAL_PX
+        half_w = self.half_w
         out = Lines(torch.full((B, self.slots), -1, dtype=torch.long, device=dev),
                     torch.zeros(B, self.slots, device=dev), torch.zeros(B, self.slots, dtype=torch.long, device=dev))
         rows = torch.arange(B, device=dev)
@@ -162,11 +168,10 @@ class LineCodec:
             num.scatter_(1, cand, num_c)
         return self._sorted(out)
 
-    def _templates(self, j: torch.Tensor, sigma: torch.Tensor, n: int, half: int | None = None):
+    @staticmethod
+    def _templates(j: torch.Tensor, sigma: torch.Tensor, n: int, half: int):
         """Windows and unit-area pixel-integrated templates of lines at quarter-pixel index j
         (J,), width sigma (..., J) px -> win (J, W) pixel indices, t (..., J, W), inside (J, W)."""
-        if half is None:
-            half = int(math.ceil(4 * float(sigma.max()))) + LOCAL_PX
         u = j.float() / SUB
         win = torch.floor(u).long()[:, None] + torch.arange(-half, half + 2, device=j.device)   # (J, W)
         inside = ((win >= 0) & (win < n)).float()

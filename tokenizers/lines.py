@@ -27,8 +27,8 @@ instrument's own resolution on its own grid, sharper than the conv tokens' model
 resolution; `fit` matches the same profile integrated over the internal pixels at the
 input's resolution.
 
-Fit (greedy matching pursuit, no gradients). For every candidate position, with a
-template of sigma_v = 100 km/s, the ivar-weighted least-squares fit of template t plus a
+Fit (greedy matching pursuit, no gradients, one spectrum at a time). For every candidate
+position, with a template of sigma_v = 100 km/s and the spectrum's median line spread, the ivar-weighted least-squares fit of template t plus a
 constant (the local continuum the conv tokens got wrong) to the residual r over a window of
 4 sigma + LOCAL_PX pixels each side (sigma of the widest line spread allowed, that of
 R = MIN_RESOLUTION, so that a spectrum's fit does not depend on its batch): A = Cov_w(t, r) / Var_w(t), chi-square gain
@@ -51,6 +51,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 SUB = 4                              # candidate positions per internal pixel
 FINE = 8                             # positions carried by the flux token (x 2 by the width token)
@@ -124,61 +125,58 @@ class LineCodec:
     @torch.no_grad()
     def fit(self, resid: torch.Tensor, w: torch.Tensor, lsf_u: torch.Tensor) -> Lines:
         """resid, w, lsf_u (B, n): residual after the conv tokens, its weight (0 = no data)
-        and the input's line-spread sigma (internal px) -> Lines (B, K), blue to red, empty last."""
-        B, n = resid.shape
-        dev = resid.device
-        r, w = resid.float().clone(), w.float()
-        lsf_u = lsf_u.float().clamp(max=self.max_lsf_u)
-        detect_u = torch.sqrt((DETECT_SIGMA_V / C_KMS / self.dln) ** 2 + lsf_u.float() ** 2).clamp_min(MIN_SIGMA_PX)
-        j = torch.arange(self.n_pos, device=dev)
-        win, t, inside = self._templates(j, detect_u[:, (j // SUB).clamp(max=n - 1)], n, self.half)   # (J, W), (B, J, W)
-        w_win = w[:, win] * inside
-        den, swt, sw = _design(w_win, t)
-        half_w = self.half_w
-        out = Lines(torch.full((B, self.slots), -1, dtype=torch.long, device=dev),
-                    torch.zeros(B, self.slots, device=dev), torch.zeros(B, self.slots, dtype=torch.long, device=dev))
-        rows = torch.arange(B, device=dev)
+        and the input's line-spread sigma (internal px) -> Lines (B, K), blue to red, empty
+        last. One spectrum at a time: a spectrum's lines never depend on its batch."""
+        rows = [self._fit_row(r.float().clone(), w_.float(), l.float().clamp(max=self.max_lsf_u))
+                for r, w_, l in zip(resid, w, lsf_u)]
+        if not rows:
+            e = resid.new_zeros(0, self.slots)
+            return Lines(e.long() - 1, e, e.long())
+        return self._sorted(Lines(*(torch.stack(x) for x in zip(*rows))))
+
+    def _fit_row(self, r: torch.Tensor, w: torch.Tensor, lsf: torch.Tensor):
+        """One spectrum's matching pursuit: r, w, lsf (n,) -> pos, amp, width (K,)."""
+        n, dev, half, half_w = r.shape[0], r.device, self.half, self.half_w
+        # detection: one template width per spectrum, every quarter-pixel phase, as correlations
+        s_det = max(math.hypot(DETECT_SIGMA_V / C_KMS / self.dln, float(lsf.median())), MIN_SIGMA_PX)
+        off = torch.arange(-half, half + 2, device=dev)[None, :] - torch.arange(SUB, device=dev)[:, None] / SUB
+        t = _pixel_integral(off - 0.5, off + 0.5, torch.tensor(s_det, device=dev))          # (SUB, W)
+        ones = torch.ones(1, t.shape[1], device=dev)
+        corr = lambda x, k: F.conv1d(x[None, None], k[:, None, :])[0]      # x padded (L + W - 1,) -> (C, L)
+        pad = lambda x: F.pad(x, (half, half + 1))                          # window [i - half, i + half + 1]
+        s_t, s_tt, s_w = corr(pad(w), t), corr(pad(w), t ** 2), corr(pad(w), ones)[0].clamp_min(1e-30)
+        den = s_tt - s_t ** 2 / s_w                                          # (SUB, n) Var_w(t) x sum w
+        wr = pad(w * r)
+        num = corr(wr, t) - s_t * corr(wr, ones)[0] / s_w                   # (SUB, n) Cov_w(t, r) x sum w
+        reach = half_w + half + 2                                            # pixels whose window a subtraction touches
         widths = torch.arange(self.width_bins, device=dev)
-        wt = w_win * t
-        num = (wt * r[:, win]).sum(-1) - swt * (w_win * r[:, win]).sum(-1) / sw     # (B, J) Cov_w(t, r) x sw
-        reach = SUB * (win.shape[1] + half_w + 2)                 # candidates whose window a subtraction touches
-        near = torch.arange(-reach, reach + 1, device=dev)
+        pos = torch.full((self.slots,), -1, dtype=torch.long, device=dev)
+        amp, width = torch.zeros(self.slots, device=dev), torch.zeros(self.slots, dtype=torch.long, device=dev)
         for k in range(self.slots):
             gain = torch.where((num > 0) & (den > 0), num ** 2 / den.clamp_min(1e-30), torch.zeros_like(num))
-            best = gain.argmax(1)                                                   # (B,)
-            keep = gain[rows, best] >= self.min_snr ** 2
-            # at the detected position: every width, a wider window
-            lsf_b = lsf_u[rows, (best // SUB).clamp(max=n - 1)]                     # (B,)
-            s_w = self.sigma_u(widths[None, :].expand(B, -1), lsf_b[:, None])       # (B, Nw)
-            win_b, t_b, in_b = self._templates(best, s_w.T, n, half_w)              # (B, W'), (Nw, B, W')
-            ww = w[rows[:, None], win_b] * in_b                                     # (B, W')
-            rr = r[rows[:, None], win_b]
-            den_b, swt_b, sw_b = _design(ww, t_b)                                   # (Nw, B)
+            flat = gain.T.reshape(-1)                                        # (n SUB,) j = i SUB + phase
+            best = int(flat.argmax())
+            if float(flat[best]) < self.min_snr ** 2:
+                break
+            # at the detected position: every width, the instrument's line spread there, a wider window
+            i = best // SUB
+            win = i + torch.arange(-half_w, half_w + 2, device=dev)
+            inside = ((win >= 0) & (win < n)).float()
+            win = win.clamp(0, n - 1)
+            o = win - best / SUB
+            t_b = _pixel_integral(o - 0.5, o + 0.5, self.sigma_u(widths, lsf[i].expand(len(widths)))[:, None]) * inside
+            ww, rr = w[win] * inside, r[win]
+            den_b, swt_b, sw_b = _design(ww, t_b)                            # (Nw,)
             num_b = (ww * t_b * rr).sum(-1) - swt_b * (ww * rr).sum(-1) / sw_b
             gain_b = torch.where((num_b > 0) & (den_b > 0), num_b ** 2 / den_b.clamp_min(1e-30), torch.zeros_like(num_b))
-            wbest = gain_b.argmax(0)                                                # (B,)
-            a = torch.where(keep, num_b[wbest, rows] / den_b[wbest, rows].clamp_min(1e-30), torch.zeros(B, device=dev))
-            out.pos[:, k] = torch.where(keep, best, -1)
-            out.amp[:, k] = a
-            out.width[:, k] = torch.where(keep, wbest, 0)
-            r.scatter_add_(1, win_b, -a[:, None] * t_b[wbest, rows] * in_b)
-            cand = (best[:, None] + near).clamp(0, self.n_pos - 1)                  # (B, C): num there changes
-            w_c, r_c = w_win[rows[:, None], cand], r[rows[:, None, None], win[cand]]  # (B, C, W)
-            num_c = (wt[rows[:, None], cand] * r_c).sum(-1) - swt[rows[:, None], cand] * (w_c * r_c).sum(-1) / sw[rows[:, None], cand]
-            num.scatter_(1, cand, num_c)
-        return self._sorted(out)
-
-    @staticmethod
-    def _templates(j: torch.Tensor, sigma: torch.Tensor, n: int, half: int):
-        """Windows and unit-area pixel-integrated templates of lines at quarter-pixel index j
-        (J,), width sigma (..., J) px -> win (J, W) pixel indices, t (..., J, W), inside (J, W)."""
-        u = j.float() / SUB
-        win = torch.floor(u).long()[:, None] + torch.arange(-half, half + 2, device=j.device)   # (J, W)
-        inside = ((win >= 0) & (win < n)).float()
-        win = win.clamp(0, n - 1)
-        off = win - u[:, None]
-        t = _pixel_integral(off - 0.5, off + 0.5, sigma[..., None]) * inside
-        return win, t, inside
+            wb = int(gain_b.argmax())
+            a = num_b[wb] / den_b[wb].clamp_min(1e-30)
+            pos[k], amp[k], width[k] = best, a, wb
+            r.index_add_(0, win, -a * t_b[wb] * inside)
+            lo, hi = max(0, i - reach), min(n, i + reach + 1)                # num changes only there
+            wr_s = pad(w * r)[lo:hi + 2 * half + 1]
+            num[:, lo:hi] = corr(wr_s, t) - s_t[:, lo:hi] * corr(wr_s, ones)[0] / s_w[lo:hi]
+        return pos, amp, width
 
     @staticmethod
     def _sorted(lines: Lines) -> Lines:

@@ -130,7 +130,7 @@ def test_scalar_on_real_sdss_catalog():
 TINY_IMAGE = ["steps=3", "lr=0.002", "batch_size=4", "warmup_steps=1", "eval_every=3", "ckpt_every=3",
               "num_workers=1", "eval_n=2", "model.channels=8", "model.hidden=16", "model.band_dim=8"]
 TINY_SPECTRUM = ["steps=2", "batch_size=4", "warmup_steps=1", "eval_every=2", "ckpt_every=2",
-                 "num_workers=0", "eval_n=2"]
+                 "num_workers=0", "eval_n=2", "model.line_slots=8"]    # line tokens through training and tokenize
 HAS_SPECTRUM = (ROOT / "tokenizers" / "spectrum.py").exists()
 
 

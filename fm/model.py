@@ -250,6 +250,8 @@ class FourM(nn.Module):
             self.code_kinds = [b[:4] for b in blocks]                                  # (row0, size, col0, col1)
             self.code_mod_kinds = [sorted({int(k) for k in pos_kind[o:o + s.n_tokens] if k >= 0})
                                    for s, o in zip(table, table.position_offsets)]     # per modality
+            self.code_mod_whole = [len(ks) == 1 and bool((pos_kind[o:o + s.n_tokens] >= 0).all())
+                                   for ks, s, o in zip(self.code_mod_kinds, table, table.position_offsets)]
             self.code_in = nn.Linear(c, D, bias=False)      # features -> a term of the token embedding
             self.code_out = nn.Linear(D, c, bias=False)     # hidden -> a term of each head's logits
         self._init_weights()
@@ -327,11 +329,13 @@ class FourM(nn.Module):
         if not self.code:
             return logits
         V = self.table.specs[m].vocab_size
-        kind = self.code_pos_kind[pos + self.table.position_offsets[m]]                 # (...)
+        kind = None if self.code_mod_whole[m] else self.code_pos_kind[pos + self.table.position_offsets[m]]   # (...)
         for k in self.code_mod_kinds[m]:
             r0, size, c0, c1 = self.code_kinds[k]
             term = g[..., c0:c1] @ self.code_feats[r0:r0 + size, c0:c1].T                # (..., size)
-            logits = logits + F.pad(torch.where((kind == k)[..., None], term, 0.0), (0, V - size))
+            if not self.code_mod_whole[m]:                   # one grid everywhere (images, scalars): no select
+                term = torch.where((kind == k)[..., None], term, 0.0)
+            logits = logits + F.pad(term, (0, V - size))
         return logits
 
     def _queries(self, mod, pos):

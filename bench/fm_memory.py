@@ -22,8 +22,10 @@ parameters, gradients and optimizer state dominate, not activations) and reports
 `peak_ratio` = max per-rank peak RSS with 2 processes / peak RSS with 1 (goal <= 0.6);
 `state_ratio` the same for state_gib (ideally 0.5); `p*_peak_after_gib` the peak RSS
 after building the model, after prepare() and after the first step, to see which phase
-sets the peak. `--live K` caps ZeRO-3's gathered parameters (stage3_max_live_parameters,
-stage3_max_reuse_distance) at K * dim^2 instead of the config's / DeepSpeed's 1e9;
+sets the peak. The ranks fill the DeepSpeed config and pin glibc's mmap threshold as
+omnisky.train.fm does (fill_zero3_buckets, train/host_memory.py; `--mmap-threshold-mib 0`
+leaves glibc's default). `--live K` caps ZeRO-3's gathered parameters (stage3_max_live_parameters,
+stage3_max_reuse_distance) at K * dim^2 instead of the trainer's 12 dim^2;
 `--sub-group K` sets ZeRO-3's sub_group_size (the optimizer step's flattened fp32
 partitions, DeepSpeed's default 1e9 elements: one group) to K * dim^2.
 """
@@ -79,6 +81,7 @@ def worker(args) -> None:
     from omnisky.fm.masking import MaskingConfig, sample_masks
     from omnisky.fm.model import FMConfig, FourM
     from omnisky.train.fm import fill_zero3_buckets, make_optimizer
+    from omnisky.train.host_memory import pin_mmap_threshold
 
     from aion_like import AION_LIKE, aion_like_table
     from omnisky.train.loop import finish, make_accelerator
@@ -93,6 +96,7 @@ def worker(args) -> None:
               train_batch_size=args.batch * accelerator.num_processes, gradient_clipping=1.0)
     zero = ds.setdefault("zero_optimization", {})
     fill_zero3_buckets(zero, args.dim)                                       # as the trainer does
+    pin_mmap_threshold(args.mmap_threshold_mib * 2 ** 20)                     # as the trainer does on CPU
     if args.sub_group:   # the step flattens each sub-group's gradients into one fp32 buffer
         zero["sub_group_size"] = args.sub_group * args.dim ** 2
     if args.live:        # gathered parameters kept at most (DeepSpeed's default 1e9 keeps them all)
@@ -141,7 +145,7 @@ def launch(args, processes: int, out: Path) -> list[dict]:
            *(["--zero3_init_flag", "true" if args.zero3_init == "on" else "false"] if args.zero3_init != "config" else []),
            str(Path(__file__).resolve()), "--worker", str(out),
            "--dim", str(args.dim), "--depth", str(args.depth), "--batch", str(args.batch), "--steps", str(args.steps), "--live", str(args.live),
-           "--sub-group", str(args.sub_group)]
+           "--sub-group", str(args.sub_group), "--mmap-threshold-mib", str(args.mmap_threshold_mib)]
     run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     if run.returncode or len(reports) != processes:
@@ -151,6 +155,7 @@ def launch(args, processes: int, out: Path) -> list[dict]:
 
 
 def main() -> None:
+    from omnisky.train.fm import TrainFMConfig
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "launch" / "accelerate" / "zero3.yaml"),
                     help="accelerate config with DeepSpeed ZeRO-3")
@@ -159,9 +164,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="objects per rank and step (budgets 64 + 32)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--live", type=int, default=0, help="stage3_max_live_parameters and _max_reuse_distance "
-                    "in dim^2 units (0: the accelerate/DeepSpeed config's)")
+                    "in dim^2 units (0: the DeepSpeed config's, else the trainer's 12)")
     ap.add_argument("--sub-group", type=int, default=0, help="ZeRO-3 sub_group_size in dim^2 units "
                     "(0: the config's / DeepSpeed's 1e9)")
+    ap.add_argument("--mmap-threshold-mib", type=int, default=TrainFMConfig().host_mmap_threshold_mib,
+                    help="glibc's pinned mmap threshold (train/host_memory.py; 0: glibc's growing default); "
+                         "the trainer's host_mmap_threshold_mib")
     ap.add_argument("--zero3-init", default="config", choices=["config", "on", "off"],
                     help="build the model partitioned (deepspeed.zero.Init): as the accelerate config says, or force it")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per launch")
@@ -173,7 +181,7 @@ def main() -> None:
         runs = {n: launch(args, n, Path(tmp) / f"p{n}") for n in (1, 2)}
     one, two = runs[1][0], runs[2]
     out = {"config": Path(args.config).name, "dim": args.dim, "depth": args.depth, "heads": args.dim // 64,
-           "live_dim2": args.live, "sub_group_dim2": args.sub_group, "zero3_init": one["zero3_init"],
+           "live_dim2": args.live, "sub_group_dim2": args.sub_group, "mmap_threshold_mib": args.mmap_threshold_mib, "zero3_init": one["zero3_init"],
            "params_m": round(one["params"] / 1e6, 2), "threads": int(os.environ.get("OMP_NUM_THREADS", "1")),
            "p1_peak_rss_gib": round(one["peak_rss_gib"], 3), "p1_base_rss_gib": round(one["base_rss_gib"], 3),
            "p1_state_gib": round(one["state_gib"], 3),

@@ -125,7 +125,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
 
 def configure_deepspeed(accelerator: Accelerator, cfg: TrainFMConfig) -> None:
     """Write the training config's batch size, accumulation and clipping into the
-    DeepSpeed config (no-op without DeepSpeed), and fill ZeRO-3's 'auto' bucket sizes
+    DeepSpeed config (no-op without DeepSpeed), and fill ZeRO-3's unset or 'auto' bucket sizes
     from the model width (accelerate would look for a Hugging Face `model.config.hidden_size`)."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -135,7 +135,8 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainFMConfig) -> None:
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     ds["gradient_clipping"] = cfg.grad_clip
-    fill_zero3_buckets(ds.setdefault("zero_optimization", {}), cfg.model.dim)
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:   # ZeRO-1/2 keep DeepSpeed's buckets
+        fill_zero3_buckets(ds["zero_optimization"], cfg.model.dim)
 
 
 def fill_zero3_buckets(zero: dict, dim: int) -> None:

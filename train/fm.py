@@ -85,8 +85,8 @@ class TrainFMConfig:
     tensorboard: bool = False    # also log to OUT/tensorboard (needs the tensorboard package)
     peak_tflops: float = 0.0     # per-device peak for MFU; 0 = from the GPU name (H100 989, A100 312)
     host_mmap_threshold_mib: int = 4   # CPU runs: glibc mmaps blocks >= this and unmaps them on free
-                                       # (train/host_memory.py; ZeRO-3 per-rank peak 0.57 of 1 rank's vs 0.71
-                                       # with glibc's growing default; ~4% step time); 0 = glibc's default
+                                       # (train/host_memory.py; ZeRO-3 per-rank peak 0.57 of 1 rank's vs 0.70
+                                       # with glibc's growing default; 0-4% step time); 0 = glibc's default
     seed: int = 0
 
     def __post_init__(self):

@@ -9,7 +9,7 @@ freed (up to 32 MiB), so after a few steps a training process serves its layer-s
 tensors (gathered ZeRO-3 parameters, gradients, reduce buckets: 4-16 MiB at d 1024) from
 the heap, where one long-lived block above them keeps the whole span resident. The peak
 RSS then holds the full model's worth of such transients on every rank, whatever the
-number of ranks (bench/fm_memory.py: ZeRO-3 2 ranks / 1 rank 0.71 with the dynamic
+number of ranks (bench/fm_memory.py: ZeRO-3 2 ranks / 1 rank 0.70 with the dynamic
 threshold, 0.57 with it pinned at 4 MiB). Setting M_MMAP_THRESHOLD also turns the dynamic
 growth off. Activations of small models stay below the threshold and keep the heap's speed.
 """

@@ -1,0 +1,38 @@
+"""The tokenizer benchmark's PCA baseline (bench/pca_baseline.py): axes and quantised round trips."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from pca_baseline import QuantizedPCA, principal_axes  # noqa: E402
+
+
+def spread_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """(n, d) rows with distinct variances along random orthogonal axes, centred."""
+    rng = np.random.default_rng(seed)
+    axes = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    x = rng.normal(size=(n, d)) * np.linspace(5.0, 0.1, d) @ axes
+    return x - x.mean(0)
+
+
+@pytest.mark.parametrize("n, d", [(400, 60), (40, 60)])   # scatter-matrix path, SVD path
+def test_principal_axes_are_the_svds(n, d):
+    x = spread_rows(n, d)
+    ours, svd = principal_axes(x), np.linalg.svd(x, full_matrices=False)[2]
+    assert ours.shape == svd.shape == (min(n, d), d)
+    k = min(n, d) // 2     # well-separated leading axes agree up to sign
+    np.testing.assert_allclose(np.abs((ours[:k] * svd[:k]).sum(1)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(ours @ ours.T, np.eye(len(ours)), atol=1e-9)
+
+
+def test_round_trip_of_rank_k_rows_at_many_bits_is_close_and_few_bits_is_not():
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(500, 3)) @ rng.normal(size=(3, 40)) + 2.0      # rank 3 + offset
+    pca = QuantizedPCA.fit(rows)
+    rich = next(p for p in pca.plans(48) if p.name == "uniform k=4 x 12 bits")
+    poor = next(p for p in pca.plans(1) if p.name.startswith("uniform k=1"))
+    # median error: the quantiser clips coefficients outside the training 0.1-99.9 percentiles
+    err = lambda plan: np.median(np.abs(pca.round_trip(rows, plan) - rows)) / rows.std()
+    assert err(rich) < 1e-3 < 0.1 < err(poor), (err(rich), err(poor))

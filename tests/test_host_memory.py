@@ -1,10 +1,11 @@
 """glibc's pinned mmap threshold (train/host_memory.py) and the ZeRO config the FM trainer fills."""
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from omnisky.train.fm import fill_zero3_buckets
+from omnisky.train.fm import TrainFMConfig, configure_deepspeed, fill_zero3_buckets
 from omnisky.train.host_memory import pin_mmap_threshold
 
 PROBE = r"""
@@ -52,3 +53,18 @@ def test_zero_buckets_filled_where_unset_or_auto_and_kept_where_given():
     assert zero == {"stage": 3, "reduce_bucket_size": 256 ** 2, "stage3_prefetch_bucket_size": 12345,
                     "stage3_param_persistence_threshold": 2560,
                     "stage3_max_live_parameters": 12 * 256 ** 2, "stage3_max_reuse_distance": 12 * 256 ** 2}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_fills_buckets_under_zero3_only(stage):
+    """What an accelerate YAML hands the trainer: a ZeRO config that names no bucket sizes."""
+    ds = {"zero_optimization": {"stage": stage}}
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)),
+                                  num_processes=2)
+    cfg = TrainFMConfig(batch_size=4, grad_accum=3)
+    configure_deepspeed(accelerator, cfg)
+    assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+    filled = {"reduce_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"}
+    assert (filled <= set(ds["zero_optimization"])) == (stage == 3)
+    if stage == 3:
+        assert ds["zero_optimization"]["stage3_max_live_parameters"] == 12 * cfg.model.dim ** 2

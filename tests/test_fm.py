@@ -416,6 +416,25 @@ def test_attention_backends_agree_with_a_score_bias():
         assert not torch.allclose(plain, ref_out), case
 
 
+def test_sdpa_attends_bf16_in_fp32_on_cpu():
+    """bf16 inputs on a CPU: attended in fp32 (the CPU flash kernel's bf16 backward is the slow
+    part), so the output is the fp32 reference's rounded to bf16, gradients flow in bf16, and
+    dead rows stay zero."""
+    for case, q, k, v, mask in attention_cases():
+        ref_out, _ = attend_with_grads("reference", q, k, v, mask)
+        qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+        out = get_attention("sdpa")(qb, kb, vb, mask)
+        assert out.dtype == torch.bfloat16, case
+        exact, _ = attend_with_grads("reference", *(t.detach().float() for t in (qb, kb, vb)), mask)
+        torch.testing.assert_close(out.float(), exact, atol=2e-3, rtol=8e-3, msg=case)   # one bf16 rounding
+        torch.testing.assert_close(out.float(), ref_out, atol=0.05, rtol=0.05, msg=case)
+        out.float().square().sum().backward()
+        assert qb.grad.dtype == torch.bfloat16 and torch.isfinite(qb.grad.float()).all(), case
+    with torch.autocast("cpu", dtype=torch.bfloat16):     # inside autocast too
+        case, q, k, v, mask = attention_cases()[0]
+        assert get_attention("sdpa")(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).dtype == torch.bfloat16
+
+
 def test_xformers_backend():
     if not torch.cuda.is_available():
         try:

@@ -167,15 +167,21 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
     gen = pipe.sample(test, given, target, seed=seed, **schedule)
     flux_in = np.array([[s.records[k].value for k in FLUXES] for s in test])          # (N, 4)
     sigma_in = np.array([[s.records[k].uncertainty for k in FLUXES] for s in test])
+    observed = [s.records[target] for s in test]
+    tok = pipe.tokenizer(target)
+    roundtrip = tok.decode(tok.encode(observed), like=observed)   # what the tokens can carry at best
     phot_gen = [image_photometry(g[0]) for g in gen]
-    phot_obs = [image_photometry(s.records[target]) for s in test]
+    phot_obs = [image_photometry(o) for o in observed]
+    phot_rt = [image_photometry(r) for r in roundtrip]
     phot_true = [image_photometry(truth_record(s, target)) for s in test]
     pull_gen = (np.array([p["flux"] for p in phot_gen]) - flux_in) / sigma_in        # (N, 4)
     pull_obs = (np.array([p["flux"] for p in phot_obs]) - flux_in) / sigma_in
+    pull_rt = (np.array([p["flux"] for p in phot_rt]) - flux_in) / sigma_in
     r_true = np.array([p["r_half"] for p in phot_true])
     d_obs = np.array([p["r_half"] for p in phot_obs]) - r_true
     size_sigma = 1.4826 * _median(np.abs(d_obs - _median(d_obs)))                   # measurement noise (arcsec)
     d_gen = np.array([p["r_half"] for p in phot_gen]) - r_true
+    d_rt = np.array([p["r_half"] for p in phot_rt]) - r_true
     if figdir is not None:
         for i, s in enumerate(test[:3]):
             image_figure(figdir / f"sample_{i}.png", None, gen[i], truth_record(s, target),
@@ -185,9 +191,12 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
                 flux_pull_median={b: _median(pull_gen[:, j]) for j, b in enumerate(bands)},
                 flux_abs_pull_median={b: _median(np.abs(pull_gen[:, j])) for j, b in enumerate(bands)},
                 observed_flux_abs_pull_median={b: _median(np.abs(pull_obs[:, j])) for j, b in enumerate(bands)},
+                roundtrip_flux_abs_pull_median={b: _median(np.abs(pull_rt[:, j])) for j, b in enumerate(bands)},
+                roundtrip_flux_pull_median={b: _median(pull_rt[:, j]) for j, b in enumerate(bands)},
                 size_measurement_sigma_arcsec=size_sigma,
                 size_abs_pull_median=_median(np.abs(d_gen) / size_sigma),
                 observed_size_abs_pull_median=_median(np.abs(d_obs) / size_sigma),
+                roundtrip_size_abs_pull_median=_median(np.abs(d_rt) / size_sigma),
                 size_bias_arcsec=_median(d_gen))
 
 

@@ -83,10 +83,14 @@ def render_markdown(r: dict) -> str:
         *[f"![superres {i}](figures/superres_{i}.png)" for i in range(3)], "",
         f"## Conditional generation: {c['target']} given {', '.join(c['given'])} ({c['n']} objects)", "",
         "Median |measured - given| / noise of the given value (fluxes), and |r_half measured on the image - "
-        "on the noiseless truth| / measurement noise (size):", "",
-        "| quantity | generated image | real observation |", "|---|---|---|",
-        *[f"| flux {b} | {_fmt(v)} | {_fmt(c['observed_flux_abs_pull_median'][b])} |" for b, v in c["flux_abs_pull_median"].items()],
-        f"| half-light radius | {_fmt(c['size_abs_pull_median'])} | {_fmt(c['observed_size_abs_pull_median'])} |", "",
+        "on the noiseless truth| / measurement noise (size); the image tokenizer's round trip of the real "
+        "observation is what the tokens can carry:", "",
+        "| quantity | generated image | real observation | tokenizer round trip |", "|---|---|---|---|",
+        *[f"| flux {b} | {_fmt(v)} | {_fmt(c['observed_flux_abs_pull_median'][b])} | "
+          f"{_fmt(c.get('roundtrip_flux_abs_pull_median', {}).get(b, float('nan')))} |"
+          for b, v in c["flux_abs_pull_median"].items()],
+        f"| half-light radius | {_fmt(c['size_abs_pull_median'])} | {_fmt(c['observed_size_abs_pull_median'])} | "
+        f"{_fmt(c.get('roundtrip_size_abs_pull_median', float('nan')))} |", "",
         *[f"![sample {i}](figures/sample_{i}.png)" for i in range(3)], "",
         f"## Redshift from {', '.join(z['given'])} ({z['n']} objects)", "",
         "| method | sigma_NMAD | outlier fraction | bias |", "|---|---|---|---|",

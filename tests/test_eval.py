@@ -197,6 +197,9 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10
     assert res["budget"]["fm"]["params"] > 0
+    cond = res["conditional"]
+    assert set(cond["roundtrip_flux_abs_pull_median"]) == set(cond["flux_abs_pull_median"]) == {"g", "r", "i", "z"}
+    assert all(v >= 0 for v in cond["roundtrip_flux_abs_pull_median"].values())
 
 
 # -- posterior temperature ------------------------------------------------------------------------

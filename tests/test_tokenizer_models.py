@@ -449,3 +449,74 @@ def test_spectrum_real_sdss_round_trip():
                    wl, "desi", np.full(wl.shape, 4000.0, np.float32), object_id="desi-grid")
     for d in tok.decode(ids, like=tpl):
         assert np.array_equal(d.wavelength, wl) and np.isfinite(d.flux).all()
+
+
+def test_block_photometry_sees_a_faint_offset_the_pixel_chi2_misses():
+    from omnisky.tokenizers.image import block_photometry_chi2
+    g = torch.Generator().manual_seed(0)
+    B, C, S = 64, 2, 32
+    truth = torch.zeros(B, C, S, S)
+    truth[..., 12:20, 12:20] = 50.0                                   # a bright core
+    ivar = torch.full((B, C, S, S), 4.0)                              # sigma 0.5
+    good = torch.ones(B, C, S, S, dtype=torch.bool)
+    good[0, :, :4] = False                                            # some masked pixels
+    obs = truth + torch.randn(B, C, S, S, generator=g) * 0.5
+    # the truth as the reconstruction: each side's chi-square is the noise's, ~1
+    noise = block_photometry_chi2(truth, obs, ivar, good, (4, 32), floor=0.0)
+    assert 0.8 < float(noise) < 1.2
+    assert float(block_photometry_chi2(obs, obs, ivar, good, (4, 32), floor=0.0)) == 0.0
+    # an offset of 0.1 sigma everywhere: pixel chi2 up by 0.01, the stamp sums by ~1024 x 0.01
+    offset = truth + 0.05
+    pixel = float((ivar * (offset - obs) ** 2)[good].mean() - (ivar * (truth - obs) ** 2)[good].mean())
+    whole = float(block_photometry_chi2(offset, obs, ivar, good, (32,), floor=0.0))
+    assert pixel < 0.02 and whole > 8
+    # masked pixels do not count: garbage under the mask changes nothing
+    messy = offset.clone()
+    messy[~good] = 1e6
+    assert float(block_photometry_chi2(messy, obs, ivar, good, (4, 32), 0.0)) == pytest.approx(
+        float(block_photometry_chi2(offset, obs, ivar, good, (4, 32), 0.0)))
+    # the floor: a 5% error on the core's four blocks costs ~400 each without it, ~1 with
+    # a 5% floor (the other 60 blocks hold noise, ~1)
+    bright = truth * 1.05
+    capped = float(block_photometry_chi2(bright, obs, ivar, good, (4,), floor=0.05))
+    uncapped = float(block_photometry_chi2(bright, obs, ivar, good, (4,), floor=0.0))
+    assert uncapped > 10 * capped and capped < 1.5
+
+
+def test_image_loss_with_photometry_term(sky):
+    recs = sky["image.des"][:2] + sky["image.hsc"][:2]
+    torch.manual_seed(0)
+    plain = _image_tok()
+    torch.manual_seed(0)
+    phot = _image_tok(photometry_weight=1.0)
+    loss0, m0 = plain.training_loss(recs)
+    loss1, m1 = phot.training_loss(recs)
+    assert "photometry" not in m0 and m1["photometry"] > 0
+    assert float(loss1.detach()) == pytest.approx(float(loss0.detach()) + m1["photometry"], rel=1e-5)
+    loss1.backward()
+    assert all(torch.isfinite(p.grad).all() for p in phot.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="photometry_blocks"):
+        _image_tok(photometry_blocks=(5,))
+
+
+def test_neighbour_weights_take_away_the_upward_pull_on_faint_light():
+    """The x-space weight ivar_sb (s^2 + sb^2) taken from a pixel's own noisy sb favours its
+    upward fluctuations: on a faint positive plane the weighted fit of x comes out high.
+    From the mean of its 8 neighbours (independent noise) it does not."""
+    from omnisky.tokenizers.image import neighbour_mean
+    sb = torch.arange(16.0).reshape(1, 1, 4, 4)
+    good = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    good[0, 0, 0, 1] = False
+    nb = neighbour_mean(sb, good)
+    assert float(nb[0, 0, 0, 0]) == pytest.approx((4 + 5) / 2)            # corner: pixel 1 masked
+    assert float(nb[0, 0, 1, 1]) == pytest.approx((0 + 2 + 4 + 6 + 8 + 9 + 10) / 7)
+    g = torch.Generator().manual_seed(0)
+    s, truth = 1.0, 0.3                                                   # softening = sigma; 0.3 sigma of light
+    obs = truth + torch.randn(64, 1, 32, 32, generator=g)
+    x = torch.asinh(obs / s)
+    good = torch.ones_like(obs, dtype=torch.bool)
+    fit = lambda w: float((w * x).sum() / w.sum())                        # the weighted least-squares constant
+    plain = float(x.mean())
+    own, neighbours = fit(s ** 2 + obs ** 2), fit(s ** 2 + neighbour_mean(obs, good) ** 2)
+    assert own - plain > 0.05                                             # pulled up
+    assert abs(neighbours - plain) < 0.01

@@ -36,3 +36,24 @@ def test_round_trip_of_rank_k_rows_at_many_bits_is_close_and_few_bits_is_not():
     # median error: the quantiser clips coefficients outside the training 0.1-99.9 percentiles
     err = lambda plan: np.median(np.abs(pca.round_trip(rows, plan) - rows)) / rows.std()
     assert err(rich) < 1e-3 < 0.1 < err(poor), (err(rich), err(poor))
+
+
+def test_stamp_flux_pull_counts_a_faint_offset_and_skips_masked_pixels():
+    import importlib.util
+    from types import SimpleNamespace
+    path = Path(__file__).resolve().parents[1] / "bench" / "tokenizers.py"   # by path: HF has a `tokenizers`
+    spec = importlib.util.spec_from_file_location("bench_tokenizers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    flux_pull = bench.flux_pull
+    rng = np.random.default_rng(0)
+    ivar = np.full((2, 32, 32), 4.0)                                   # sigma 0.5 per pixel
+    mask = np.zeros((2, 32, 32), dtype=bool)
+    mask[:, :4] = True                                                 # 128 masked pixels per band
+    rec = SimpleNamespace(ivar=ivar, mask=mask)
+    truth = rng.normal(0, 1, (2, 32, 32))
+    assert flux_pull(truth, truth, rec) == 0.0
+    # 0.1 sigma on each of the 896 good pixels: 0.1 * 896 / sqrt(896) = 2.99 sigma
+    assert flux_pull(truth + 0.05, truth, rec) == pytest.approx(0.1 * 896 ** 0.5, rel=1e-9)
+    garbage = np.where(mask, 1e9, truth + 0.05)                        # what lies under the mask is ignored
+    assert flux_pull(garbage, truth, rec) == pytest.approx(0.1 * 896 ** 0.5, rel=1e-9)

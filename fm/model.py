@@ -146,6 +146,8 @@ class Attention(nn.Module):
                          two=2, h=self.heads)                                                 # (B, H, Nk, d)
         q, k, bias, d = self.q_norm(q), self.k_norm(k), None, q.shape[-1]
         if sky_q is not None and hasattr(self, "sky_log_w"):
+            if q.device.type == "cpu":   # attention runs in fp32 on a CPU anyway (fm.attention): keep the channels
+                q, k, v = q.float(), k.float(), v.float()
             q, k, v, bias = self._sky_locality(q, k, v, sky_q, sky_q if sky_k is None else sky_k)
         out = self.attend(q, k, v, mask, bias)[..., :d]                                      # (B, H, Nq, d)
         out = layout.pack(rearrange(out, "b h n d -> b n (h d)"))                             # (T, D)

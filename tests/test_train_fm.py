@@ -108,6 +108,19 @@ def test_zero2_zero3_match_one_process_and_resume_matches(runs):
 
 
 @pytest.mark.slow
+def test_cpu_bf16_autocast_follows_the_fp32_loss_curve(runs, tmp_path):
+    """`cpu_bf16`: bf16 autocast on a CPU (matrix products in bf16, attention in fp32), the
+    same run as the 1-process fp32 reference otherwise: its losses within bf16's error."""
+    data, out, _ = runs
+    log = launch("single.yaml", data, tmp_path / "bf16", "--set", "grad_accum=4", "--set", "cpu_bf16=true")
+    assert "1 process(es), NO, bf16 autocast, grad_accum 4" in log
+    ref, got = losses(read_log(out["single"])), losses(read_log(tmp_path / "bf16"))
+    assert torch.isfinite(got[:, 0]).all()
+    rel = ((got - ref).abs() / ref.abs()).nan_to_num(0)
+    assert 0 < rel.max().item() < 0.03, rel
+
+
+@pytest.mark.slow
 def test_zero3_export_gives_the_training_models_logits(runs, tmp_path):
     from omnisky.train.export import export_checkpoint
     _, out, logs = runs

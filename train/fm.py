@@ -72,6 +72,7 @@ class TrainFMConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0       # 0 = no clipping
     bf16: bool = True            # bf16 autocast of the forward pass where the GPU has bf16
+    cpu_bf16: bool = False       # ... and on a CPU too (worth it with AMX / avx512_bf16; see README)
     ckpt_every: int = 500        # and always at the last step
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -260,8 +261,10 @@ def main(argv=None) -> None:
     batches = iter(step_loader(dataset, cfg.num_workers))
     eval_set = (fixed_batches(shard_urls(args.eval_data or args.data), table, cfg.masking,
                               cfg.batch_size, cfg.eval_batches) if cfg.eval_every else [])
-    bf16 = cfg.bf16 and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    device_type = accelerator.device.type
+    bf16 = cfg.bf16 and ((device_type == "cuda" and torch.cuda.is_bf16_supported())
+                         or (device_type == "cpu" and cfg.cpu_bf16))
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     peak = peak_flops(accelerator.device, cfg.peak_tflops)
 
     log = CSVLog(out / "log.csv", start_step if args.resume else None) if main_proc else None

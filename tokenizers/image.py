@@ -37,11 +37,12 @@ The loss is a chi-square in x: the weight is the propagated inverse variance
 ivar_x = ivar_sb (softening^2 + sb^2), capped at 1 / min_sigma^2 (no pixel may claim a
 precision better than min_sigma in x, about min_sigma relative error when bright),
 masked pixels weigh 0, and the sum is divided by the number of unmasked pixels (a
-reduced chi-square: ~1 when the reconstruction is as good as the noise). The sb in the
-weight is the mean of the pixel's 8 neighbours, not its own value: a weight that grows
-with the pixel's own noisy sb favours its upward fluctuations, and faint galaxy wings
-came out ~0.1 sigma per pixel too bright, which over a 32 x 32 stamp is 2-5 sigma of
-its photometry (`neighbour_mean`). With `photometry_weight` > 0 the chi-square of k x k
+reduced chi-square: ~1 when the reconstruction is as good as the noise). A weight that
+grows with the pixel's own noisy sb favours its upward fluctuations, and faint galaxy
+wings come out ~0.1 sigma per pixel too bright, which over a 32 x 32 stamp is 2-5 sigma
+of its photometry; `weights_from: neighbours` takes the sb of the weight from the mean
+of the pixel's 8 neighbours instead (`neighbour_mean`), which removes that bias, but the
+tiny FM trained on those tokens did worse (README), so 'data' stays the default. With `photometry_weight` > 0 the chi-square of k x k
 block sums of the residual is added (`block_photometry_chi2`).
 """
 from __future__ import annotations
@@ -83,9 +84,10 @@ class ImageConfig:
                                     # (> 0 teaches decoding bands not shown; costs recon at 2 min)
     mix_tokens: int = 0             # TokenMixer blocks at the token grid, in encoder and decoder each:
                                     # lets the many sky tokens carry bits about the galaxy (0 = local only)
-    weights_from: str = "neighbours"  # x's weight from the mean of the 8 neighbouring pixels (independent of
-                                    # the pixel's own noise) or 'data', its own flux (weighs its upward
-                                    # fluctuations more: faint wings come out ~0.1 sigma per pixel too bright)
+    weights_from: str = "data"      # x's weight from the pixel's own flux ('data': weighs its upward
+                                    # fluctuations more, faint wings come out ~0.1 sigma per pixel too bright)
+                                    # or 'neighbours', the mean of its 8 neighbours (independent noise): a
+                                    # better round trip, but the tiny FM on its tokens did worse (README)
     photometry_weight: float = 0.0  # weight of the block-photometry chi-square (0 = pixel chi-square only).
                                     # Tiny config, weights_from data, 2 seeds: 0.3 on whole stamps (floor 0.05) took
                                     # stamp flux pulls from 2.4-5.5 to 0.9-1.9 sigma (DES) but chi2 vs truth

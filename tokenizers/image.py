@@ -42,8 +42,9 @@ grows with the pixel's own noisy sb favours its upward fluctuations, and faint g
 wings come out ~0.1 sigma per pixel too bright, which over a 32 x 32 stamp is 2-5 sigma
 of its photometry; `weights_from: neighbours` takes the sb of the weight from the mean
 of the pixel's 8 neighbours instead (`neighbour_mean`), which removes that bias, but the
-tiny FM trained on those tokens did worse (README), so 'data' stays the default. With `photometry_weight` > 0 the chi-square of k x k
-block sums of the residual is added (`block_photometry_chi2`).
+tiny FM trained on those tokens did worse (README), so 'data' stays the default. With
+`photometry_weight` > 0 the chi-square of k x k block sums of the residual is added
+(`block_photometry_chi2`).
 """
 from __future__ import annotations
 
@@ -324,7 +325,8 @@ class ImageTokenizer(Tokenizer):
         z_q, ids, aux = self.quantizer(z)
         x_hat = self.decode_latent(z_q, batch["feat"])                   # (B, C, H, W)
         n_good = batch["good"].sum().clamp_min(1)
-        flux_hat = self.config.softening * torch.sinh(x_hat.clamp(-30, 30)) / batch["factor"]   # (B, C, H, W)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.photometry_weight > 0):
+            flux_hat = self.config.softening * torch.sinh(x_hat.clamp(-30, 30)) / batch["factor"]   # (B, C, H, W)
         chi2 = (batch["w"] * (x_hat - batch["x"]) ** 2).sum() / n_good
         with torch.no_grad():  # the same in survey flux units, unclipped: the figure to report
             chi2_flux = (batch["ivar"] * (flux_hat - batch["flux"]) ** 2).sum() / n_good

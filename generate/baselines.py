@@ -51,6 +51,13 @@ def colour_pair(target_band: str, source_bands) -> tuple[int, int]:
     return int(order[k - 1]), int(order[k])
 
 
+def stamp_centre(n: int) -> int:
+    """Pixel index of the object along a stamp axis of n pixels: the centre of pixel n // 2
+    (the simulated sky and the cut-outs put the object there; for even n that is half a
+    pixel off the geometric centre (n - 1) / 2)."""
+    return n // 2
+
+
 def ab_nanomaggies(image: Image) -> float:
     """Factor turning the image's flux units into nanomaggies (zero point 22.5)."""
     return 10 ** (-0.4 * (image.zero_point - 22.5))
@@ -60,7 +67,7 @@ def aperture_fluxes(image: Image, radius_arcsec: float = APERTURE_ARCSEC) -> np.
     """(C,) flux in nanomaggies inside a circular aperture about the stamp centre (masked
     pixels replaced by the band's median)."""
     c, h, w = image.flux.shape
-    y, x = (np.mgrid[:h, :w] - np.array([(h - 1) / 2, (w - 1) / 2])[:, None, None]) * image.pixel_scale
+    y, x = (np.mgrid[:h, :w] - np.array([stamp_centre(h), stamp_centre(w)])[:, None, None]) * image.pixel_scale
     inside = x ** 2 + y ** 2 <= radius_arcsec ** 2
     out = np.empty(c)
     for j in range(c):
@@ -124,6 +131,12 @@ def _moffat_beta(survey: str) -> float:
     return IMAGING[survey].moffat_beta if survey in IMAGING else 3.5
 
 
+def box_otf(ky: np.ndarray, kx: np.ndarray, pixel: float) -> np.ndarray:
+    """Transfer function of a square pixel of side `pixel` arcsec at frequencies (ky, kx)
+    in cycles/arcsec (broadcast): the pixel response."""
+    return np.sinc(ky * pixel) * np.sinc(kx * pixel)
+
+
 def psf_matching_kernel(src: Image, like: Image, shape: tuple[int, int], regulariser: float) -> np.ndarray:
     """(C_target, *shape) Fourier-space kernel taking the nearest source band's effective
     PSF to each target band's on `like`'s pixel grid (rfft2 layout). Effective PSFs hold
@@ -132,10 +145,9 @@ def psf_matching_kernel(src: Image, like: Image, shape: tuple[int, int], regular
     ky = np.fft.fftfreq(shape[0], d=like.pixel_scale)[:, None]
     kx = np.fft.rfftfreq(shape[1], d=like.pixel_scale)[None, :]
     k = np.sqrt(ky ** 2 + kx ** 2)                                          # cycles / arcsec
-    box = lambda p: np.sinc(ky * p) * np.sinc(kx * p)                       # noqa: E731  pixel box
     src_fwhm = np.asarray(src.psf_fwhm)[[nearest_band(b, src.bands) for b in like.bands]]
-    t_src = moffat_otf(src_fwhm, _moffat_beta(src.survey), k) * box(src.pixel_scale) ** 3   # (C, ky, kx)
-    t_tgt = moffat_otf(np.asarray(like.psf_fwhm), _moffat_beta(like.survey), k) * box(like.pixel_scale)
+    t_src = moffat_otf(src_fwhm, _moffat_beta(src.survey), k) * box_otf(ky, kx, src.pixel_scale) ** 3   # (C, ky, kx)
+    t_tgt = moffat_otf(np.asarray(like.psf_fwhm), _moffat_beta(like.survey), k) * box_otf(ky, kx, like.pixel_scale)
     kernel = t_tgt * t_src / (t_src ** 2 + regulariser)
     return kernel / kernel[:, :1, :1]                                       # total flux kept
 
@@ -147,8 +159,8 @@ def resample_image(src: Image, like: Image, colour_terms: ColourTerms | None = N
     _, h, w = like.flux.shape
     _, hs, ws = src.flux.shape
     # target pixel centres in arcsec from the stamp centre -> source pixel coordinates
-    y = (np.arange(h) - (h - 1) / 2) * like.pixel_scale / src.pixel_scale + (hs - 1) / 2
-    x = (np.arange(w) - (w - 1) / 2) * like.pixel_scale / src.pixel_scale + (ws - 1) / 2
+    y = (np.arange(h) - stamp_centre(h)) * like.pixel_scale / src.pixel_scale + stamp_centre(hs)
+    x = (np.arange(w) - stamp_centre(w)) * like.pixel_scale / src.pixel_scale + stamp_centre(ws)
     yy, xx = np.meshgrid(y, x, indexing="ij")
     area = (like.pixel_scale / src.pixel_scale) ** 2
     zp = 10 ** (0.4 * (like.zero_point - src.zero_point))

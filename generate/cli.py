@@ -14,7 +14,10 @@ Generation tasks write, per object and target, FITS (or --format npz) files of e
 a PNG figure (given / generated samples / truth / residual; spectra overplotted), and
 OUT/schedule.json (the schedule, as data) and OUT/summary.json (per-object figures against
 the truth where the data have it). `translate --given image.hsc --target image.des` goes
-the other way; any band set the image tokenizer decodes can be a target.
+the other way; any band set the image tokenizer decodes can be a target. `translate
+--consistency PAIRED_RAW --samples 8` pulls each sample to the source observation
+(`generate.consistency`, fitted on the paired objects and written to OUT/consistency.json;
+pass that file on later runs).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 from ..shards.reader import stream
 from ..shards.schema import modality_kind
 from ..shards.writer import shard_urls
-from .evaluate import REDSHIFT_OBJECTS, reduced_chi2
+from .evaluate import CONSISTENCY_OBJECTS, REDSHIFT_OBJECTS, reduced_chi2
 from .outputs import image_figure, spectrum_figure, write_image_fits, write_npz, write_spectrum_fits
 from .probe import LinearProbe, similarity_search
 from .schedule import schedule_to_json
@@ -84,6 +87,15 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
     need = given[:1] + (targets[-1:] if args.need_target else [])
     samples = load_samples(args.data, args.n, need=need)
     chain = pipe.sample_chain(samples, given, schedule, n_samples=args.samples, seed=args.seed)
+    if getattr(args, "consistency", None):
+        if len(given) != 1 or len(targets) != 1:
+            raise SystemExit("--consistency: translate from one given image to one target image")
+        from .consistency import refine_translation
+        cons = load_consistency(pipe, args, given[0], targets[0])
+        for s, draws in zip(samples, chain):
+            refined = refine_translation(s.records[given[0]], [d[targets[0]] for d in draws], cons)
+            for d, r in zip(draws, refined):
+                d[targets[0]] = r
     (out / "schedule.json").write_text(json.dumps(schedule_to_json(schedule), indent=1))
     rows = []
     for s, draws in zip(samples, chain):
@@ -195,7 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
         q.add_argument("--need-target", action=argparse.BooleanOptionalAction, default=True,
                        help="only objects that also have the (last) target (to compare with the truth)")
+        if task == "translate":
+            q.add_argument("--consistency", default=None,
+                           help="pull each sample to the source observation (generate.consistency): a "
+                                "consistency.json written by an earlier run, or a raw shards folder of objects "
+                                "observed by both surveys to fit it on (colour equations and floor; written to "
+                                "OUT/consistency.json). Use --samples 8 or so: their spread is the prior's width")
+            q.add_argument("--consistency-n", type=int, default=CONSISTENCY_OBJECTS,
+                           help="paired objects to fit the consistency on")
     return p
+
+
+def load_consistency(pipe, args, source: str, target: str):
+    """The translation's Consistency from args.consistency (JSON file or paired raw shards)."""
+    from .consistency import Consistency, fit_consistency
+    path = Path(args.consistency)
+    if path.is_file():
+        cons = Consistency.from_json(json.loads(path.read_text()))
+    else:
+        pairs = load_samples(str(path), args.consistency_n, need=[source, target])
+        cons = fit_consistency(pipe, pairs, source, target, n_samples=max(args.samples, 2), seed=args.seed,
+                               **schedule_args(args))
+    if (cons.source, cons.target) != (source, target):
+        raise SystemExit(f"{path}: consistency fitted for {cons.source} -> {cons.target}, not {source} -> {target}")
+    (Path(args.out) / "consistency.json").write_text(json.dumps(cons.to_json(), indent=1))
+    return cons
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 without the model. Used by `omnisky-generate report` (markdown) and `bench/eval.py`
 (one JSON line).
 
-- translation (image.des -> image.hsc): reduced chi-square of the generated image against
+- translation (image.des -> image.hsc): reduced chi-square of the generated image (and of
+  the same pulled to the source observation, `generate.consistency`) against
   the noiseless truth in units of the target's noise, beside the classical baseline
   (`baselines.resample_image`: resample + PSF matching + colour terms, its colour equations
   and Wiener regulariser fitted on training objects), the same without PSF matching, and
@@ -34,6 +35,7 @@ import numpy as np
 
 from .calibration import fit_calibration
 from .baselines import fit_colour_terms, fit_psf_regulariser, interpolate_spectrum, resample_image
+from .consistency import fit_consistency, refine_translation
 from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
 from .photoz import (SDSS_BANDS, catalog_samples, coverage, flux_features, gradient_boosting, read_sdss_catalog,
@@ -43,6 +45,7 @@ from .probe import LinearProbe
 FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
 REDSHIFT_OBJECTS = 400      # held-out objects the redshift posterior is scored on (one forward pass each)
 CALIBRATION_OBJECTS = 400   # held-out objects after those, to calibrate the posterior on
+CONSISTENCY_OBJECTS = 24    # training objects the translation's data-consistency floor is fitted on
 
 
 def heldout_split(samples: list, n: int) -> tuple[list, list | None]:
@@ -69,13 +72,15 @@ def _median(xs) -> float:
 
 def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: int = 0,
                          source: str = "image.des", target: str = "image.hsc", n_samples: int = 8,
-                         **schedule) -> dict:
+                         n_consistency: int = CONSISTENCY_OBJECTS, **schedule) -> dict:
     """chi2_fm scores one sample per object; chi2_fm_mean the mean of `n_samples` samples
     (the posterior-mean image: what is left of it is the model's bias, the rest of chi2_fm
-    its sample-to-sample spread). `shape` compares the galaxy's shape (e1, e2; measure.
-    image_ellipticity) on the mean of the samples and on the baseline with the truth's:
-    their correlation over the objects (1: the orientation and elongation carried over, 0:
-    none) and the rms difference."""
+    its sample-to-sample spread). `*_consistent`: the same samples pulled to the source
+    observation (generate.consistency; colour equations and floor fitted on the first
+    `n_consistency` training objects' observations, no truth). `shape` compares the
+    galaxy's shape (e1, e2; measure.image_ellipticity) on the mean of the samples (and its
+    refinement) and on the baseline with the truth's: their correlation over the objects
+    (1: the orientation and elongation carried over, 0: none) and the rms difference."""
     colour_pairs = [(truth_record(s, source), truth_record(s, target)) for s in train]
     terms = fit_colour_terms(colour_pairs, test[0].records[source].bands, test[0].records[target].bands) \
         if colour_pairs else None
@@ -85,8 +90,10 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     tok = pipe.tokenizer(target)
     likes = [s.records[target] for s in test]
     roundtrip = tok.decode(tok.encode(likes), like=likes)
-    fm, fm_mean, base, base_nopsf, ceil = [], [], [], [], []
-    shapes = {"truth": [], "fm": [], "baseline": []}                              # (N, 2) each
+    cons = fit_consistency(pipe, train[:n_consistency], source, target, n_samples=n_samples, seed=seed,
+                           **schedule) if len(train) >= 5 else None
+    fm, fm_mean, fm_dc, fm_mean_dc, base, base_nopsf, ceil = [], [], [], [], [], [], []
+    shapes = {"truth": [], "fm": [], "fm_consistent": [], "baseline": []}         # (N, 2) each
     for s, g, rt in zip(test, gen, roundtrip):
         t, truth = s.records[target], s.truth[target]
         mean = np.mean([x.flux for x in g], 0)
@@ -94,7 +101,12 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
         fm.append(reduced_chi2(g[0].flux, truth, t.ivar, t.mask))
         fm_mean.append(reduced_chi2(mean, truth, t.ivar, t.mask))
         base.append(reduced_chi2(resampled, truth, t.ivar, t.mask))
-        for name, img in (("truth", truth), ("fm", mean), ("baseline", resampled)):
+        mean_dc = mean
+        if cons is not None:
+            mean_dc, one_dc = (r.flux for r in refine_translation(s.records[source], g, cons, priors=[mean, g[0].flux]))
+            fm_dc.append(reduced_chi2(one_dc, truth, t.ivar, t.mask))
+            fm_mean_dc.append(reduced_chi2(mean_dc, truth, t.ivar, t.mask))
+        for name, img in (("truth", truth), ("fm", mean), ("fm_consistent", mean_dc), ("baseline", resampled)):
             shapes[name].append(image_ellipticity(img, t.pixel_scale))
         base_nopsf.append(reduced_chi2(resample_image(s.records[source], t, terms, None).flux, truth, t.ivar, t.mask))
         ceil.append(reduced_chi2(rt.flux, truth, t.ivar, t.mask))
@@ -107,9 +119,11 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     shape = {name: dict(corr=float(np.mean([np.corrcoef(e[name][:, j], e["truth"][:, j])[0, 1] for j in (0, 1)]))
                         if len(test) > 2 else float("nan"),
                         rms=float(np.sqrt(np.mean((e[name] - e["truth"]) ** 2))))
-             for name in ("fm", "baseline")}
+             for name in ("fm", "fm_consistent", "baseline")}
     shape["truth_rms"] = float(np.sqrt(np.mean(e["truth"] ** 2)))
     return dict(n=len(test), chi2_fm=_median(fm), chi2_fm_mean=_median(np.array(fm_mean)), n_samples=n_samples,
+                chi2_fm_consistent=_median(fm_dc), chi2_fm_mean_consistent=_median(fm_mean_dc),
+                consistency=None if cons is None else dict(floor=cons.floor, fit=cons.fit),
                 shape=shape,
                 chi2_baseline=_median(base), chi2_baseline_no_psf_matching=_median(base_nopsf),
                 chi2_tokenizer_roundtrip=_median(ceil), frac_objects_fm_better=float(np.mean(fm < base)),

@@ -2,6 +2,8 @@
 
     sky = Pipeline.from_pretrained("demo_out/fm/model", "demo_out/tokenizers")
     hsc = sky.translate(samples, source="image.des", target="image.hsc")    # list[list[Image]]
+    cons = fit_consistency(sky, paired_samples, "image.des", "image.hsc")     # generate.consistency
+    hsc = sky.translate(samples, consistency=cons, n_samples=8)               # pulled to the DES data
     desi = sky.superres(samples)                                              # SDSS -> DESI
     img = sky.sample(samples, given=["scalar.redshift", "scalar.flux_r"], target="image.hsc")
     chain = sky.sample_chain(samples, ["image.des"], sky.schedule(["spectrum.desi", "image.hsc"], steps=8))
@@ -26,6 +28,7 @@ from ..fm.model import FourM
 from ..shards.schema import Sample, modality_kind
 from ..tokenizers.base import Tokenizer, load_tokenizer
 from .calibration import model_level
+from .consistency import Consistency, refine_translation
 from .posterior import bin_quantile
 from .sampler import generate, token_probabilities
 from .schedule import TargetSchedule
@@ -128,9 +131,19 @@ class Pipeline:
         chain = self.sample_chain(samples, given, self.schedule(target, **schedule), {target: like}, n_samples, seed)
         return [[d[target] for d in draws] for draws in chain]
 
-    def translate(self, samples, source: str = "image.des", target: str = "image.hsc", **kw):
-        """Survey translation: the `target` survey's image from the `source` survey's."""
-        return self.sample(samples, [source], target, **kw)
+    def translate(self, samples, source: str = "image.des", target: str = "image.hsc",
+                  consistency: Consistency | None = None, **kw):
+        """Survey translation: the `target` survey's image from the `source` survey's, a list
+        over objects of `n_samples` records. `consistency` (generate.consistency.
+        fit_consistency): each sample then pulled to the source observation through the
+        source survey's PSF, pixels and bands (the samples' spread is the prior's width)."""
+        gen = self.sample(samples, [source], target, **kw)
+        if consistency is None:
+            return gen
+        if (consistency.source, consistency.target) != (source, target):
+            raise ValueError(f"consistency fitted for {consistency.source} -> {consistency.target}, "
+                             f"not {source} -> {target}")
+        return [refine_translation(s.records[source], g, consistency) for s, g in zip(samples, gen)]
 
     def superres(self, samples, source: str = "spectrum.sdss", target: str = "spectrum.desi", **kw):
         """Spectrum super-resolution: the `target` instrument's spectrum from `source`'s."""

@@ -55,6 +55,9 @@ def render_markdown(r: dict) -> str:
         "| method | median reduced chi2 |", "|---|---|",
         f"| omnisky (FM + image tokenizer), one sample | {_fmt(t['chi2_fm'])} |",
         f"| omnisky, mean of {t['n_samples']} samples | {_fmt(t['chi2_fm_mean'])} |",
+        f"| omnisky + data consistency (samples pulled to the DES-like pixels), one sample | "
+        f"{_fmt(t.get('chi2_fm_consistent'))} |",
+        f"| omnisky + data consistency, mean of {t['n_samples']} samples | {_fmt(t.get('chi2_fm_mean_consistent'))} |",
         f"| baseline: resample + PSF matching + colour terms | {_fmt(t['chi2_baseline'])} |",
         f"| baseline without PSF matching | {_fmt(t['chi2_baseline_no_psf_matching'])} |",
         f"| image tokenizer round trip of the HSC image (ceiling) | {_fmt(t['chi2_tokenizer_roundtrip'])} |", "",
@@ -63,7 +66,14 @@ def render_markdown(r: dict) -> str:
         f"{_fmt(t['shape']['truth_rms'])}):", "",
         "| method | shape correlation | shape rms error |", "|---|---|---|",
         f"| omnisky, mean of {t['n_samples']} samples | {_fmt(t['shape']['fm']['corr'])} | {_fmt(t['shape']['fm']['rms'])} |",
+        *([f"| omnisky + data consistency, mean | {_fmt(t['shape']['fm_consistent']['corr'])} | "
+           f"{_fmt(t['shape']['fm_consistent']['rms'])} |"] if "fm_consistent" in t["shape"] else []),
         f"| baseline | {_fmt(t['shape']['baseline']['corr'])} | {_fmt(t['shape']['baseline']['rms'])} |", "",
+        *([f"Data consistency (`generate.consistency`): each sample is the prior mean of a Gaussian posterior "
+           f"whose width is the samples' spread plus {_fmt(t['consistency']['floor'])} x the HSC-like noise "
+           f"(the floor fitted on {t['consistency']['fit']['n_objects']} training objects' observations), and "
+           "whose likelihood is the DES-like observation seen through the DES-like PSF, pixels and colour "
+           "equations.", ""] if t.get("consistency") else []),
         "input / generated / truth / residual:", "",
         *[f"![translation {i}](figures/translate_{i}.png)" for i in range(3)], "",
         f"## Spectrum super-resolution: SDSS-like -> DESI-like ({s['n']} objects)", "",

@@ -194,6 +194,10 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
         assert key in res
     assert math.isfinite(res["translation"]["chi2_baseline"]) and math.isfinite(res["superres"]["chi2_baseline"])
     assert -1 <= res["translation"]["shape"]["fm"]["corr"] <= 1 and res["translation"]["shape"]["baseline"]["rms"] >= 0
+    for key in ("translation", "translation_back"):
+        t = res[key]
+        assert math.isfinite(t["chi2_fm_consistent"]) and math.isfinite(t["chi2_fm_mean_consistent"])
+        assert 5 <= t["consistency"]["fit"]["n_objects"] <= 12 and -1 <= t["shape"]["fm_consistent"]["corr"] <= 1
     assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10
     assert res["budget"]["fm"]["params"] > 0

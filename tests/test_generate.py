@@ -219,6 +219,28 @@ def test_cli_translate_writes_fits_figures_and_schedule(tiny_models, sky_shards)
     assert json.loads((out / "schedule.json").read_text())[0]["steps"] == 3
 
 
+def test_cli_translate_with_data_consistency_fits_then_reuses_it(tiny_models, sky_shards):
+    """--consistency RAW fits colour equations and floor on paired objects and writes them;
+    --consistency FILE reuses them; the refined samples differ from the model's own."""
+    common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
+              "--n", "2", "--samples", "2", "--steps", "2", "--format", "npz"]
+    _run("translate", *common, "--out", str(tiny_models / "tr_plain"))
+    _run("translate", *common, "--consistency", str(sky_shards), "--consistency-n", "6",
+         "--out", str(tiny_models / "tr_dc"))
+    cons = json.loads((tiny_models / "tr_dc" / "consistency.json").read_text())
+    assert cons["source"] == "image.des" and cons["fit"]["n_objects"] == 6 and cons["floor"] > 0
+    assert len(cons["terms"]["offset"]) == 4                                  # one equation per DES band
+    _run("translate", *common, "--consistency", str(tiny_models / "tr_dc" / "consistency.json"),
+         "--out", str(tiny_models / "tr_dc2"))
+    oid = json.loads((tiny_models / "tr_dc" / "summary.json").read_text())["objects"][0]["object_id"]
+    load = lambda d: np.load(tiny_models / d / f"{oid}.image.hsc.0.npz")["image.hsc/flux"]   # noqa: E731
+    np.testing.assert_array_equal(load("tr_dc"), load("tr_dc2"))
+    assert not np.allclose(load("tr_dc"), load("tr_plain"))
+    with pytest.raises(SystemExit, match="fitted for image.des -> image.hsc"):
+        _run("translate", *common, "--given", "image.hsc", "--target", "image.des",
+             "--consistency", str(tiny_models / "tr_dc" / "consistency.json"), "--out", str(tiny_models / "tr_x"))
+
+
 def test_cli_superres_sample_predict_embed(tiny_models, sky_shards):
     common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards), "--n", "2"]
     _run("superres", *common, "--steps", "2", "--out", str(tiny_models / "sr"))

@@ -1,0 +1,261 @@
+"""Data consistency for survey translation: the generated image, seen through the source
+survey, made to agree with the source observation.
+
+A translated image (say HSC-like, from a DES-like observation) is a draw from the model's
+posterior, but the model never checks it against the pixels it was given: a sample's
+flux or shape can be off by more than the source's noise allows. `refine_translation`
+combines the two sources of information as Gaussians:
+
+    prior       H ~ N(M, V)                M: the model's samples' mean, V: their variance
+                                           plus (floor x target noise)^2 (floor: the
+                                           prior's width where the samples agree)
+    likelihood  D ~ N(A H, 1 / ivar_src)   D: the source observation, A: the source survey
+                                           seen from the target's pixels (below)
+
+and returns the posterior mean (A^T W A + V^-1)^-1 (A^T W D + V^-1 M), found by conjugate
+gradients (W = ivar_src; a few thousand unknowns per object). Where the source carries the
+information (bright, resolved light) the data win; where it does not (detail below the
+source's PSF, the target's extra bands) the model's prior stays. The map is linear in M,
+so refining each sample and then averaging equals refining the mean.
+
+The forward operator A (target pixels -> source pixels), per source band i, from the
+target band j nearest to it in wavelength:
+  1. scale by the colour term: source / target flux of the band pair from colour
+     equations (`baselines.fit_colour_terms`, target -> source, fitted on training pairs),
+     evaluated at the prior mean's aperture colours;
+  2. convolve with the kernel taking the target's effective PSF to the source's, K =
+     T_src T_tgt / (T_tgt^2 + lambda) (Moffat transfer functions of the records' FWHMs
+     times the pixel boxes; the source PSF is the broader one, so lambda only guards
+     against the target's zeros), flux kept;
+  3. sample bilinearly at the source pixel centres (the stamps share their centre), times
+     the pixel-area ratio and the zero-point conversion.
+The unknown image extends `margin_arcsec` beyond the source stamp so that light blurred
+in from outside the target stamp has somewhere to come from; that border has prior mean 0
+and only the floor's width, and is cut off at the end.
+
+    cons = fit_consistency(pipe, pairs, "image.des", "image.hsc")    # colour terms + floor,
+                                                                     # from paired observations
+    refined = refine_translation(source_record, samples, cons)       # one object's samples ->
+                                                                     # as many refined Images
+    pipe.translate(objects, consistency=cons, n_samples=8)           # the same, in the pipeline
+
+`fit_consistency` needs no truth: the colour equations come from the pairs' total fluxes
+and the floor is the one (of a grid) whose refined images lie closest to the pairs'
+observed target images (median reduced chi-square; the target's noise is independent of
+the source's, so this ranks floors as the chi-square against the truth would, plus 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..shards.schema import Image
+from .baselines import (ColourTerms, _moffat_beta, aperture_fluxes, box_otf, fit_colour_terms, nearest_band,
+                        stamp_centre)
+from ..shards.render import moffat_otf
+
+MARGIN_ARCSEC = 1.0        # unknown image beyond the source stamp, each side
+KERNEL_REGULARISER = 1e-3  # lambda of the target -> source PSF kernel
+FLOORS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)   # the grid `fit_consistency` picks the floor from
+
+
+@dataclass
+class Consistency:
+    """What refining a translation source -> target needs: the colour equations from the
+    target's bands to the source's and the prior floor (in units of the target's noise)."""
+    source: str
+    target: str
+    terms: ColourTerms | None
+    floor: float
+    fit: dict | None = None          # floor -> median chi2 on the fitting pairs, when fitted
+
+    def to_json(self) -> dict:
+        terms = None if self.terms is None else {
+            k: np.asarray(v).tolist() for k, v in dataclasses.asdict(self.terms).items()}
+        return dict(source=self.source, target=self.target, floor=self.floor, terms=terms, fit=self.fit)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Consistency":
+        unknown = set(d) - {"source", "target", "floor", "terms", "fit"}
+        if unknown:
+            raise ValueError(f"Consistency: unknown key(s) {sorted(unknown)}")
+        t = d.get("terms")
+        terms = None if t is None else ColourTerms(
+            nearest=list(t["nearest"]), blue=list(t["blue"]), red=list(t["red"]), offset=np.asarray(t["offset"]),
+            slope=np.asarray(t["slope"]), colour_range=np.asarray(t["colour_range"]))
+        return cls(d["source"], d["target"], terms, float(d["floor"]), d.get("fit"))
+
+
+class SourceView:
+    """The forward operator A for one object: target-grid images (S, Ct, n_y, n_x) on the
+    extended domain -> source-survey models (S, Cs, hs, ws), a linear torch map (float64)."""
+
+    def __init__(self, source: Image, target: Image, ratios: np.ndarray, margin_arcsec: float = MARGIN_ARCSEC):
+        ct, h, w = target.flux.shape
+        cs, hs, ws = source.flux.shape
+        scale = source.pixel_scale / target.pixel_scale                     # source px in target px
+        half = max(hs, ws) / 2 * scale + margin_arcsec / target.pixel_scale
+        self.pad = max(0, int(math.ceil(half - min(h, w) / 2)))
+        n_y, n_x = h + 2 * self.pad, w + 2 * self.pad
+        self.shape = (ct, n_y, n_x)
+        self.inner = (slice(self.pad, self.pad + h), slice(self.pad, self.pad + w))
+        self.nearest = [nearest_band(b, target.bands) for b in source.bands]
+        zp = 10 ** (0.4 * (source.zero_point - target.zero_point))
+        self.gain = torch.as_tensor(np.asarray(ratios) * scale ** 2 * zp, dtype=torch.float64)   # (Cs,)
+        # kernel on a zero-padded grid (no wrap-around), rfft2 layout
+        self.fft_shape = (2 * n_y, 2 * n_x)
+        ky = np.fft.fftfreq(self.fft_shape[0], d=target.pixel_scale)[:, None]
+        kx = np.fft.rfftfreq(self.fft_shape[1], d=target.pixel_scale)[None, :]
+        k = np.sqrt(ky ** 2 + kx ** 2)
+        tgt_fwhm = np.asarray(target.psf_fwhm)[self.nearest]
+        # the target's effective PSF: optics, pixel box and the bilinear sampling below (a
+        # triangle of its pixel: box^2)
+        t_tgt = moffat_otf(tgt_fwhm, _moffat_beta(target.survey), k) * box_otf(ky, kx, target.pixel_scale) ** 3
+        t_src = moffat_otf(np.asarray(source.psf_fwhm), _moffat_beta(source.survey), k) \
+            * box_otf(ky, kx, source.pixel_scale)
+        kernel = t_src * t_tgt / (t_tgt ** 2 + KERNEL_REGULARISER)
+        self.kernel = torch.as_tensor(kernel / kernel[:, :1, :1], dtype=torch.complex128)   # (Cs, 2n_y, n_x+1)
+        # source pixel centres in grid_sample's normalised coordinates of the extended domain
+        # (the object sits on each stamp's `stamp_centre` pixel)
+        ys = ((np.arange(hs) - stamp_centre(hs)) * scale + self.pad + stamp_centre(h)) / (n_y - 1) * 2 - 1
+        xs = ((np.arange(ws) - stamp_centre(ws)) * scale + self.pad + stamp_centre(w)) / (n_x - 1) * 2 - 1
+        gy, gx = np.meshgrid(ys, xs, indexing="ij")
+        self.grid = torch.as_tensor(np.stack([gx, gy], -1)[None], dtype=torch.float64)   # (1, hs, ws, 2)
+        self.per_pixel = torch.as_tensor([2 / (n_x - 1), 2 / (n_y - 1)], dtype=torch.float64) * scale
+        self.shift = torch.zeros(2, dtype=torch.float64)   # (dx, dy) source pixels, see `fit_shift`
+
+    def _blur(self, image: torch.Tensor) -> torch.Tensor:
+        planes = image[:, self.nearest] * self.gain[:, None, None]              # (S, Cs, n_y, n_x)
+        blurred = torch.fft.irfft2(torch.fft.rfft2(planes, s=self.fft_shape) * self.kernel, s=self.fft_shape)
+        return blurred[..., :self.shape[1], :self.shape[2]]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """image (S, Ct, n_y, n_x) -> (S, Cs, hs, ws) in source units."""
+        grid = (self.grid + self.shift * self.per_pixel).expand(len(image), -1, -1, -1)
+        return F.grid_sample(self._blur(image), grid, mode="bilinear", align_corners=True)
+
+    def fit_shift(self, image: torch.Tensor, data: torch.Tensor, weight: torch.Tensor,
+                  max_pixels: float = 1.0, step: float = 0.125) -> tuple[float, float]:
+        """Set `shift` to the sub-pixel offset (a grid of `step` source pixels within
+        +-max_pixels) at which the view of `image` (1, Ct, n_y, n_x) best matches `data`
+        (1, Cs, hs, ws) of inverse variance `weight`: the two surveys' stamps are centred
+        on the object only to within a pixel each. Returns (dx, dy)."""
+        offsets = torch.arange(-max_pixels, max_pixels + 1e-9, step, dtype=torch.float64)
+        dx, dy = torch.meshgrid(offsets, offsets, indexing="xy")
+        shifts = torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)             # (K, 2)
+        blurred = self._blur(image).expand(len(shifts), -1, -1, -1)
+        grids = self.grid + (shifts * self.per_pixel)[:, None, None, :]         # (K, hs, ws, 2)
+        views = F.grid_sample(blurred, grids, mode="bilinear", align_corners=True)
+        chi2 = ((views - data) ** 2 * weight).sum((1, 2, 3))                   # (K,)
+        self.shift = shifts[int(torch.argmin(chi2))].clone()
+        return float(self.shift[0]), float(self.shift[1])
+
+    def adjoint(self, residual: torch.Tensor) -> torch.Tensor:
+        """A^T: (S, Cs, hs, ws) -> (S, Ct, n_y, n_x), the vector-Jacobian product of the linear map."""
+        x = torch.zeros((len(residual), *self.shape), dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            (out,) = torch.autograd.grad(self(x), x, grad_outputs=residual)
+        return out
+
+
+def _target_noise_var(like: Image) -> np.ndarray:
+    """(Ct, h, w) the target's per-pixel noise variance; pixels without ivar get the band's median."""
+    good = like.ivar > 0
+    var = np.where(good, 1.0 / np.where(good, like.ivar, 1.0), 0.0).astype(np.float64)
+    for j in range(var.shape[0]):
+        var[j][~good[j]] = np.median(var[j][good[j]]) if good[j].any() else 1.0
+    return var
+
+
+def refine_translation(source: Image, samples: Sequence[Image], consistency: Consistency,
+                       priors: Sequence[np.ndarray] | None = None, iterations: int = 60,
+                       tol: float = 1e-6) -> list[Image]:
+    """Each of one object's generated target images pulled to the source observation (see
+    the module docstring); their mean is the posterior-mean image.
+
+    source:  the observed source-survey Image (flux, ivar, mask used).
+    samples: the model's decoded target-survey Images of this object (1 or more; their
+             ivar is the target's noise, which sets the floor's units). Each is the prior
+             mean of its own refinement; all share the prior variance (their spread plus
+             the floor's).
+    priors:  other prior means (Ct, h, w) to refine instead of the samples, with the same
+             variance, e.g. [the samples' mean] alone: the map is linear, so that gives the
+             mean of the refined samples at 1/S of the cost."""
+    if not samples:
+        raise ValueError("refine_translation: needs at least one sample of the target image")
+    like = samples[0]
+    stack = np.stack([s.flux for s in samples]).astype(np.float64)            # (S, Ct, h, w)
+    mean = stack.mean(0)
+    spread = stack.var(0) if len(samples) > 1 else np.zeros_like(mean)
+    noise_var = _target_noise_var(like) * consistency.floor ** 2
+    terms = consistency.terms
+    ratios = np.ones(len(source.bands)) if terms is None else \
+        terms.flux_ratios(aperture_fluxes(dataclasses.replace(like, flux=mean.astype(np.float32))))
+    view = SourceView(source, like, ratios)
+    iy, ix = view.inner
+    centres = stack if priors is None else np.stack([np.asarray(p, np.float64) for p in priors])   # (P, Ct, h, w)
+    prior_mean = torch.zeros((len(centres), *view.shape), dtype=torch.float64)
+    prior_mean[:, :, iy, ix] = torch.as_tensor(centres)
+    var = np.broadcast_to(np.median(noise_var, axis=(1, 2))[:, None, None], view.shape).copy()
+    var[:, iy, ix] = noise_var + spread
+    std = torch.as_tensor(var).sqrt()                                          # (Ct, n_y, n_x)
+    w = torch.as_tensor(np.where(source.mask, 0.0, source.ivar), dtype=torch.float64)[None]   # (1, Cs, hs, ws)
+    data = torch.as_tensor(np.where(source.mask, 0.0, source.flux), dtype=torch.float64)[None]
+    view.fit_shift(prior_mean.mean(0, keepdim=True), data, w)
+    # x = M + std u minimises |W^1/2 (D - A x)|^2 + |u|^2:  (std A^T W A std + I) u = std A^T W (D - A M)
+    rhs = std * view.adjoint(w * (data - view(prior_mean)))                   # (S, Ct, n_y, n_x)
+    u = conjugate_gradients(lambda v: std * view.adjoint(w * view(std * v)) + v, rhs, iterations, tol)
+    refined = (prior_mean + std * u)[:, :, iy, ix].numpy().astype(np.float32)
+    return [dataclasses.replace(like, flux=r) for r in refined]
+
+
+def conjugate_gradients(op, rhs: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
+    """Solve op(u) = rhs for a symmetric positive-definite linear `op`, independently for
+    each leading index of rhs (S, ...): stops when every residual fell by `tol` (squared)."""
+    dims = tuple(range(1, rhs.ndim))
+    u = torch.zeros_like(rhs)
+    r, p = rhs.clone(), rhs.clone()
+    rr = (r * r).sum(dims, keepdim=True)
+    stop = tol * rr
+    for _ in range(iterations):
+        if bool((rr <= stop).all()):
+            break
+        ap = op(p)
+        alpha = rr / (p * ap).sum(dims, keepdim=True).clamp_min(1e-300)
+        u, r = u + alpha * p, r - alpha * ap
+        rr_new = (r * r).sum(dims, keepdim=True)
+        p = r + (rr_new / rr.clamp_min(1e-300)) * p
+        rr = rr_new
+    return u
+
+
+def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Sequence[float] = FLOORS,
+                    n_samples: int = 8, seed: int = 0, **schedule) -> Consistency:
+    """Colour equations (target -> source bands, from the pairs' total fluxes) and the floor
+    of `floors` whose refined translations (mean of `n_samples`) lie closest to the pairs'
+    observed target images. pairs: Samples holding both `source` and `target` records."""
+    pairs = [s for s in pairs if source in s.records and target in s.records]
+    if len(pairs) < 5:
+        raise ValueError(f"fit_consistency: needs >= 5 objects with both {source} and {target}, got {len(pairs)}")
+    src0, tgt0 = pairs[0].records[source], pairs[0].records[target]
+    terms = fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
+    gen = pipe.translate(pairs, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
+    scores = {}
+    for floor in floors:
+        cons = Consistency(source, target, terms, float(floor))
+        chi = []
+        for s, g in zip(pairs, gen):
+            t = s.records[target]
+            mean = refine_translation(s.records[source], g, cons, priors=[np.mean([x.flux for x in g], 0)])[0].flux
+            good = ~t.mask & (t.ivar > 0)
+            chi.append(float(np.mean((mean[good] - t.flux[good]) ** 2 * t.ivar[good])))
+        scores[float(floor)] = float(np.median(chi))
+    best = min(scores, key=scores.get)
+    return Consistency(source, target, terms, best, fit=dict(n_objects=len(pairs), n_samples=n_samples,
+                                                            median_chi2_vs_observed=scores))

@@ -7,8 +7,9 @@ flux or shape can be off by more than the source's noise allows. `refine_transla
 combines the two sources of information as Gaussians:
 
     prior       H ~ N(M, V)                M: the model's samples' mean, V: their variance
-                                           plus (floor x target noise)^2 (floor: the
-                                           prior's width where the samples agree)
+                                           plus (floor x target noise)^2 plus (fraction x
+                                           M)^2 (the prior's width where the samples agree:
+                                           the noise, and a share of the light itself)
     likelihood  D ~ N(A H, 1 / ivar_src)   D: the source observation, A: the source survey
                                            seen from the target's pixels (below)
 
@@ -33,16 +34,17 @@ The unknown image extends `margin_arcsec` beyond the source stamp so that light 
 in from outside the target stamp has somewhere to come from; that border has prior mean 0
 and only the floor's width, and is cut off at the end.
 
-    cons = fit_consistency(pipe, pairs, "image.des", "image.hsc")    # colour terms + floor,
+    cons = fit_consistency(pipe, pairs, "image.des", "image.hsc")    # colour terms + prior width,
                                                                      # from paired observations
     refined = refine_translation(source_record, samples, cons)       # one object's samples ->
                                                                      # as many refined Images
     pipe.translate(objects, consistency=cons, n_samples=8)           # the same, in the pipeline
 
 `fit_consistency` needs no truth: the colour equations come from the pairs' total fluxes
-and the floor is the one (of a grid) whose refined images lie closest to the pairs'
-observed target images (median reduced chi-square; the target's noise is independent of
-the source's, so this ranks floors as the chi-square against the truth would, plus 1).
+and the prior's width (floor, fraction) is the one of a grid whose refined images lie
+closest to the pairs' observed target images (median reduced chi-square; the target's
+noise is independent of the source's, so this ranks widths as the chi-square against the
+truth would, plus 1).
 """
 from __future__ import annotations
 
@@ -62,34 +64,38 @@ from ..shards.render import moffat_otf
 
 MARGIN_ARCSEC = 1.0        # unknown image beyond the source stamp, each side
 KERNEL_REGULARISER = 1e-3  # lambda of the target -> source PSF kernel
-FLOORS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)   # the grid `fit_consistency` picks the floor from
+FLOORS = (0.5, 1.0, 2.0, 3.0, 5.0)          # the grid `fit_consistency` picks the prior's width from:
+FRACTIONS = (0.0, 0.1, 0.2, 0.4)            # floors (x the target noise) x fractions (of the prior mean)
 
 
 @dataclass
 class Consistency:
     """What refining a translation source -> target needs: the colour equations from the
-    target's bands to the source's and the prior floor (in units of the target's noise)."""
+    target's bands to the source's, and the prior's width: `floor` (in units of the target's
+    noise) and `fraction` (of the samples' mean), in quadrature with the samples' spread."""
     source: str
     target: str
     terms: ColourTerms | None
     floor: float
-    fit: dict | None = None          # floor -> median chi2 on the fitting pairs, when fitted
+    fraction: float = 0.0            # prior width also this fraction of the prior mean
+    fit: dict | None = None          # "floor,fraction" -> median chi2 on the fitting pairs, when fitted
 
     def to_json(self) -> dict:
         terms = None if self.terms is None else {
             k: np.asarray(v).tolist() for k, v in dataclasses.asdict(self.terms).items()}
-        return dict(source=self.source, target=self.target, floor=self.floor, terms=terms, fit=self.fit)
+        return dict(source=self.source, target=self.target, floor=self.floor, fraction=self.fraction,
+                    terms=terms, fit=self.fit)
 
     @classmethod
     def from_json(cls, d: dict) -> "Consistency":
-        unknown = set(d) - {"source", "target", "floor", "terms", "fit"}
+        unknown = set(d) - {"source", "target", "floor", "fraction", "terms", "fit"}
         if unknown:
             raise ValueError(f"Consistency: unknown key(s) {sorted(unknown)}")
         t = d.get("terms")
         terms = None if t is None else ColourTerms(
             nearest=list(t["nearest"]), blue=list(t["blue"]), red=list(t["red"]), offset=np.asarray(t["offset"]),
             slope=np.asarray(t["slope"]), colour_range=np.asarray(t["colour_range"]))
-        return cls(d["source"], d["target"], terms, float(d["floor"]), d.get("fit"))
+        return cls(d["source"], d["target"], terms, float(d["floor"]), float(d.get("fraction", 0.0)), d.get("fit"))
 
 
 class SourceView:
@@ -173,6 +179,53 @@ def _target_noise_var(like: Image) -> np.ndarray:
     return var
 
 
+class Refinement:
+    """One object's refinement problem: the source view (its shift fitted to the samples'
+    mean), the source data and weights, and the samples' mean and spread."""
+
+    def __init__(self, source: Image, samples: Sequence[Image], terms: ColourTerms | None):
+        if not samples:
+            raise ValueError("refine_translation: needs at least one sample of the target image")
+        self.like = like = samples[0]
+        self.stack = np.stack([s.flux for s in samples]).astype(np.float64)   # (S, Ct, h, w)
+        self.mean = self.stack.mean(0)
+        self.spread = self.stack.var(0) if len(samples) > 1 else np.zeros_like(self.mean)
+        self.noise_var = _target_noise_var(like)                              # (Ct, h, w)
+        ratios = np.ones(len(source.bands)) if terms is None else \
+            terms.flux_ratios(aperture_fluxes(dataclasses.replace(like, flux=self.mean.astype(np.float32))))
+        self.view = SourceView(source, like, ratios)
+        self.w = torch.as_tensor(np.where(source.mask, 0.0, source.ivar), dtype=torch.float64)[None]
+        self.data = torch.as_tensor(np.where(source.mask, 0.0, source.flux), dtype=torch.float64)[None]
+        self.view.fit_shift(self._extend(self.mean[None]), self.data, self.w)
+
+    def _extend(self, inner: np.ndarray, border: np.ndarray | float = 0.0) -> torch.Tensor:
+        """(P, Ct, h, w) -> (P, Ct, n_y, n_x) on the extended domain, `border` (P, Ct) outside."""
+        out = torch.zeros((len(inner), *self.view.shape), dtype=torch.float64)
+        out += torch.as_tensor(np.asarray(border, np.float64)).reshape(-1, self.view.shape[0], 1, 1) \
+            if np.ndim(border) else border
+        iy, ix = self.view.inner
+        out[:, :, iy, ix] = torch.as_tensor(inner)
+        return out
+
+    def solve(self, centres: np.ndarray, widths: Sequence[tuple[float, float]], iterations: int = 60,
+              tol: float = 1e-6) -> np.ndarray:
+        """Posterior means (P, Ct, h, w) for prior means `centres` (P, Ct, h, w) and prior
+        widths `widths` [(floor, fraction)] * P: variance spread + (floor noise)^2 +
+        (fraction mean)^2 inside the target stamp, (floor x the band's median noise)^2 outside."""
+        floor = np.array([f for f, _ in widths])[:, None, None, None]
+        frac = np.array([r for _, r in widths])[:, None, None, None]
+        inner = self.noise_var * floor ** 2 + self.spread + (frac * self.mean) ** 2   # (P, Ct, h, w)
+        border = np.median(self.noise_var, axis=(1, 2))[None] * floor[:, :, 0, 0] ** 2     # (P, Ct)
+        std = self._extend(inner, border).sqrt()                              # (P, Ct, n_y, n_x)
+        prior = self._extend(centres)
+        view, w = self.view, self.w
+        # x = M + std u minimises |W^1/2 (D - A x)|^2 + |u|^2:  (std A^T W A std + I) u = std A^T W (D - A M)
+        rhs = std * view.adjoint(w * (self.data - view(prior)))
+        u = conjugate_gradients(lambda v: std * view.adjoint(w * view(std * v)) + v, rhs, iterations, tol)
+        iy, ix = view.inner
+        return (prior + std * u)[:, :, iy, ix].numpy()
+
+
 def refine_translation(source: Image, samples: Sequence[Image], consistency: Consistency,
                        priors: Sequence[np.ndarray] | None = None, iterations: int = 60,
                        tol: float = 1e-6) -> list[Image]:
@@ -183,36 +236,14 @@ def refine_translation(source: Image, samples: Sequence[Image], consistency: Con
     samples: the model's decoded target-survey Images of this object (1 or more; their
              ivar is the target's noise, which sets the floor's units). Each is the prior
              mean of its own refinement; all share the prior variance (their spread plus
-             the floor's).
+             the floor's and the fraction's).
     priors:  other prior means (Ct, h, w) to refine instead of the samples, with the same
              variance, e.g. [the samples' mean] alone: the map is linear, so that gives the
              mean of the refined samples at 1/S of the cost."""
-    if not samples:
-        raise ValueError("refine_translation: needs at least one sample of the target image")
-    like = samples[0]
-    stack = np.stack([s.flux for s in samples]).astype(np.float64)            # (S, Ct, h, w)
-    mean = stack.mean(0)
-    spread = stack.var(0) if len(samples) > 1 else np.zeros_like(mean)
-    noise_var = _target_noise_var(like) * consistency.floor ** 2
-    terms = consistency.terms
-    ratios = np.ones(len(source.bands)) if terms is None else \
-        terms.flux_ratios(aperture_fluxes(dataclasses.replace(like, flux=mean.astype(np.float32))))
-    view = SourceView(source, like, ratios)
-    iy, ix = view.inner
-    centres = stack if priors is None else np.stack([np.asarray(p, np.float64) for p in priors])   # (P, Ct, h, w)
-    prior_mean = torch.zeros((len(centres), *view.shape), dtype=torch.float64)
-    prior_mean[:, :, iy, ix] = torch.as_tensor(centres)
-    var = np.broadcast_to(np.median(noise_var, axis=(1, 2))[:, None, None], view.shape).copy()
-    var[:, iy, ix] = noise_var + spread
-    std = torch.as_tensor(var).sqrt()                                          # (Ct, n_y, n_x)
-    w = torch.as_tensor(np.where(source.mask, 0.0, source.ivar), dtype=torch.float64)[None]   # (1, Cs, hs, ws)
-    data = torch.as_tensor(np.where(source.mask, 0.0, source.flux), dtype=torch.float64)[None]
-    view.fit_shift(prior_mean.mean(0, keepdim=True), data, w)
-    # x = M + std u minimises |W^1/2 (D - A x)|^2 + |u|^2:  (std A^T W A std + I) u = std A^T W (D - A M)
-    rhs = std * view.adjoint(w * (data - view(prior_mean)))                   # (S, Ct, n_y, n_x)
-    u = conjugate_gradients(lambda v: std * view.adjoint(w * view(std * v)) + v, rhs, iterations, tol)
-    refined = (prior_mean + std * u)[:, :, iy, ix].numpy().astype(np.float32)
-    return [dataclasses.replace(like, flux=r) for r in refined]
+    problem = Refinement(source, samples, consistency.terms)
+    centres = problem.stack if priors is None else np.stack([np.asarray(p, np.float64) for p in priors])
+    refined = problem.solve(centres, [(consistency.floor, consistency.fraction)] * len(centres), iterations, tol)
+    return [dataclasses.replace(problem.like, flux=r.astype(np.float32)) for r in refined]
 
 
 def conjugate_gradients(op, rhs: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
@@ -236,26 +267,28 @@ def conjugate_gradients(op, rhs: torch.Tensor, iterations: int, tol: float) -> t
 
 
 def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Sequence[float] = FLOORS,
-                    n_samples: int = 8, seed: int = 0, **schedule) -> Consistency:
-    """Colour equations (target -> source bands, from the pairs' total fluxes) and the floor
-    of `floors` whose refined translations (mean of `n_samples`) lie closest to the pairs'
-    observed target images. pairs: Samples holding both `source` and `target` records."""
+                    fractions: Sequence[float] = FRACTIONS, n_samples: int = 8, seed: int = 0,
+                    **schedule) -> Consistency:
+    """Colour equations (target -> source bands, from the pairs' total fluxes) and the prior
+    width (floor, fraction) of the grid floors x fractions whose refined translations (mean
+    of `n_samples`) lie closest to the pairs' observed target images (median reduced
+    chi-square). pairs: Samples holding both `source` and `target` records."""
     pairs = [s for s in pairs if source in s.records and target in s.records]
     if len(pairs) < 5:
         raise ValueError(f"fit_consistency: needs >= 5 objects with both {source} and {target}, got {len(pairs)}")
     src0, tgt0 = pairs[0].records[source], pairs[0].records[target]
     terms = fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
     gen = pipe.translate(pairs, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
-    scores = {}
-    for floor in floors:
-        cons = Consistency(source, target, terms, float(floor))
-        chi = []
-        for s, g in zip(pairs, gen):
-            t = s.records[target]
-            mean = refine_translation(s.records[source], g, cons, priors=[np.mean([x.flux for x in g], 0)])[0].flux
-            good = ~t.mask & (t.ivar > 0)
-            chi.append(float(np.mean((mean[good] - t.flux[good]) ** 2 * t.ivar[good])))
-        scores[float(floor)] = float(np.median(chi))
-    best = min(scores, key=scores.get)
-    return Consistency(source, target, terms, best, fit=dict(n_objects=len(pairs), n_samples=n_samples,
-                                                            median_chi2_vs_observed=scores))
+    widths = [(float(f), float(r)) for f in floors for r in fractions]
+    chi = []                                                                  # (objects, widths)
+    for s, g in zip(pairs, gen):
+        problem = Refinement(s.records[source], g, terms)
+        means = problem.solve(np.repeat(problem.mean[None], len(widths), 0), widths)
+        t = s.records[target]
+        good = ~t.mask & (t.ivar > 0)
+        chi.append([float(np.mean((m[good] - t.flux[good]) ** 2 * t.ivar[good])) for m in means])
+    scores = np.median(np.array(chi), 0)
+    floor, fraction = widths[int(np.argmin(scores))]
+    return Consistency(source, target, terms, floor, fraction=fraction, fit=dict(
+        n_objects=len(pairs), n_samples=n_samples,
+        median_chi2_vs_observed={f"{f:g},{r:g}": float(c) for (f, r), c in zip(widths, scores)}))

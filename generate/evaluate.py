@@ -123,7 +123,7 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     shape["truth_rms"] = float(np.sqrt(np.mean(e["truth"] ** 2)))
     return dict(n=len(test), chi2_fm=_median(fm), chi2_fm_mean=_median(np.array(fm_mean)), n_samples=n_samples,
                 chi2_fm_consistent=_median(fm_dc), chi2_fm_mean_consistent=_median(fm_mean_dc),
-                consistency=None if cons is None else dict(floor=cons.floor, fit=cons.fit),
+                consistency=None if cons is None else dict(floor=cons.floor, fraction=cons.fraction, fit=cons.fit),
                 shape=shape,
                 chi2_baseline=_median(base), chi2_baseline_no_psf_matching=_median(base_nopsf),
                 chi2_tokenizer_roundtrip=_median(ceil), frac_objects_fm_better=float(np.mean(fm < base)),

@@ -71,7 +71,8 @@ def render_markdown(r: dict) -> str:
         f"| baseline | {_fmt(t['shape']['baseline']['corr'])} | {_fmt(t['shape']['baseline']['rms'])} |", "",
         *([f"Data consistency (`generate.consistency`): each sample is the prior mean of a Gaussian posterior "
            f"whose width is the samples' spread plus {_fmt(t['consistency']['floor'])} x the HSC-like noise "
-           f"(the floor fitted on {t['consistency']['fit']['n_objects']} training objects' observations), and "
+           f"plus {_fmt(t['consistency'].get('fraction', 0.0))} x the samples' mean (fitted on "
+           f"{t['consistency']['fit']['n_objects']} training objects' observations), and "
            "whose likelihood is the DES-like observation seen through the DES-like PSF, pixels and colour "
            "equations.", ""] if t.get("consistency") else []),
         "input / generated / truth / residual:", "",

@@ -57,11 +57,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..shards.schema import Image, Spectrum
+from ..shards.schema import Image
 from .baselines import (ColourTerms, _moffat_beta, aperture_fluxes, box_otf, fit_colour_terms, nearest_band,
                         stamp_centre)
 from ..shards.render import moffat_otf
-from .spectrum_view import SpectrumView
 
 MARGIN_ARCSEC = 1.0        # unknown image beyond the source stamp, each side
 KERNEL_REGULARISER = 1e-3  # lambda of the target -> source PSF kernel
@@ -136,7 +135,6 @@ class SourceView:
         self.grid = torch.as_tensor(np.stack([gx, gy], -1)[None], dtype=torch.float64)   # (1, hs, ws, 2)
         self.per_pixel = torch.as_tensor([2 / (n_x - 1), 2 / (n_y - 1)], dtype=torch.float64) * scale
         self.shift = torch.zeros(2, dtype=torch.float64)   # (dx, dy) source pixels, see `fit_shift`
-        self.valid = 1.0                                    # every source pixel is modelled
 
     def _blur(self, image: torch.Tensor) -> torch.Tensor:
         planes = image[:, self.nearest] * self.gain[:, None, None]              # (S, Cs, n_y, n_x)
@@ -164,21 +162,6 @@ class SourceView:
         self.shift = shifts[int(torch.argmin(chi2))].clone()
         return float(self.shift[0]), float(self.shift[1])
 
-    def extend(self, inner: np.ndarray, border: np.ndarray | float = 0.0) -> torch.Tensor:
-        """(P, Ct, h, w) target stamps -> (P, Ct, n_y, n_x) on the extended domain, `border`
-        (P, Ct) outside the stamp."""
-        out = torch.zeros((len(inner), *self.shape), dtype=torch.float64)
-        out += torch.as_tensor(np.asarray(border, np.float64)).reshape(-1, self.shape[0], 1, 1) \
-            if np.ndim(border) else border
-        out[:, :, self.inner[0], self.inner[1]] = torch.as_tensor(inner)
-        return out
-
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, self.inner[0], self.inner[1]]
-
-    def calibrate(self, prior: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> None:
-        self.fit_shift(prior, data, weight)
-
     def adjoint(self, residual: torch.Tensor) -> torch.Tensor:
         """A^T: (S, Cs, hs, ws) -> (S, Ct, n_y, n_x), the vector-Jacobian product of the linear map."""
         x = torch.zeros((len(residual), *self.shape), dtype=torch.float64, requires_grad=True)
@@ -197,56 +180,50 @@ def _target_noise_var(like: Image) -> np.ndarray:
 
 
 class Refinement:
-    """One object's refinement problem: the source view (calibrated on the samples' mean:
-    the images' shift, the spectra's aperture ratio), the source data and weights, and the
-    samples' mean and spread. Records are handled as (C, ...) arrays: an image's bands, a
-    spectrum as one channel."""
+    """One object's refinement problem: the source view (its shift fitted to the samples'
+    mean), the source data and weights, and the samples' mean and spread."""
 
-    def __init__(self, source: Image | Spectrum, samples: Sequence[Image | Spectrum], terms: ColourTerms | None):
+    def __init__(self, source: Image, samples: Sequence[Image], terms: ColourTerms | None):
         if not samples:
-            raise ValueError("refine_translation: needs at least one sample of the target record")
+            raise ValueError("refine_translation: needs at least one sample of the target image")
         self.like = like = samples[0]
-        spectral = isinstance(like, Spectrum)
-        if spectral != isinstance(source, Spectrum):
-            raise ValueError(f"refine_translation: source {type(source).__name__} and target "
-                             f"{type(like).__name__} must both be images or both spectra")
-        channels = (lambda a: np.asarray(a)[None]) if spectral else np.asarray     # noqa: E731  (C, ...)
-        self.stack = np.stack([channels(s.flux) for s in samples]).astype(np.float64)   # (S, C, ...)
+        self.stack = np.stack([s.flux for s in samples]).astype(np.float64)   # (S, Ct, h, w)
         self.mean = self.stack.mean(0)
         self.spread = self.stack.var(0) if len(samples) > 1 else np.zeros_like(self.mean)
-        self.noise_var = _target_noise_var(dataclasses.replace(like, ivar=channels(like.ivar)))
-        if spectral:
-            self.view = SpectrumView(source, like)
-        else:
-            ratios = np.ones(len(source.bands)) if terms is None else \
-                terms.flux_ratios(aperture_fluxes(dataclasses.replace(like, flux=self.mean.astype(np.float32))))
-            self.view = SourceView(source, like, ratios)
-        self.w = torch.as_tensor(channels(np.where(source.mask, 0.0, source.ivar)), dtype=torch.float64)[None]
-        self.data = torch.as_tensor(channels(np.where(source.mask, 0.0, source.flux)), dtype=torch.float64)[None]
-        self.view.calibrate(self.view.extend(self.mean[None]), self.data, self.w)
-        self.w = self.w * self.view.valid                                     # source pixels A models
+        self.noise_var = _target_noise_var(like)                              # (Ct, h, w)
+        ratios = np.ones(len(source.bands)) if terms is None else \
+            terms.flux_ratios(aperture_fluxes(dataclasses.replace(like, flux=self.mean.astype(np.float32))))
+        self.view = SourceView(source, like, ratios)
+        self.w = torch.as_tensor(np.where(source.mask, 0.0, source.ivar), dtype=torch.float64)[None]
+        self.data = torch.as_tensor(np.where(source.mask, 0.0, source.flux), dtype=torch.float64)[None]
+        self.view.fit_shift(self._extend(self.mean[None]), self.data, self.w)
+
+    def _extend(self, inner: np.ndarray, border: np.ndarray | float = 0.0) -> torch.Tensor:
+        """(P, Ct, h, w) -> (P, Ct, n_y, n_x) on the extended domain, `border` (P, Ct) outside."""
+        out = torch.zeros((len(inner), *self.view.shape), dtype=torch.float64)
+        out += torch.as_tensor(np.asarray(border, np.float64)).reshape(-1, self.view.shape[0], 1, 1) \
+            if np.ndim(border) else border
+        iy, ix = self.view.inner
+        out[:, :, iy, ix] = torch.as_tensor(inner)
+        return out
 
     def solve(self, centres: np.ndarray, widths: Sequence[tuple[float, float]], iterations: int = 60,
               tol: float = 1e-6) -> np.ndarray:
-        """Posterior means (P, C, ...) for prior means `centres` (P, C, ...) and prior widths
-        `widths` [(floor, fraction)] * P: variance spread + (floor noise)^2 + (fraction
-        mean)^2 on the target record, (floor x the channel's median noise)^2 outside it."""
-        extra = (1,) * (self.mean.ndim - 1)
-        floor = np.array([f for f, _ in widths]).reshape(-1, 1, *extra)
-        frac = np.array([r for _, r in widths]).reshape(-1, 1, *extra)
-        inner = self.noise_var * floor ** 2 + self.spread + (frac * self.mean) ** 2   # (P, C, ...)
-        border = np.median(self.noise_var.reshape(len(self.noise_var), -1), 1)[None] * floor.reshape(-1, 1) ** 2
-        std = self.view.extend(inner, border).sqrt()                          # (P, C, *domain)
-        prior = self.view.extend(centres)
+        """Posterior means (P, Ct, h, w) for prior means `centres` (P, Ct, h, w) and prior
+        widths `widths` [(floor, fraction)] * P: variance spread + (floor noise)^2 +
+        (fraction mean)^2 inside the target stamp, (floor x the band's median noise)^2 outside."""
+        floor = np.array([f for f, _ in widths])[:, None, None, None]
+        frac = np.array([r for _, r in widths])[:, None, None, None]
+        inner = self.noise_var * floor ** 2 + self.spread + (frac * self.mean) ** 2   # (P, Ct, h, w)
+        border = np.median(self.noise_var, axis=(1, 2))[None] * floor[:, :, 0, 0] ** 2     # (P, Ct)
+        std = self._extend(inner, border).sqrt()                              # (P, Ct, n_y, n_x)
+        prior = self._extend(centres)
         view, w = self.view, self.w
         # x = M + std u minimises |W^1/2 (D - A x)|^2 + |u|^2:  (std A^T W A std + I) u = std A^T W (D - A M)
         rhs = std * view.adjoint(w * (self.data - view(prior)))
         u = conjugate_gradients(lambda v: std * view.adjoint(w * view(std * v)) + v, rhs, iterations, tol)
-        return view.crop(prior + std * u).numpy()
-
-    def record(self, flux: np.ndarray) -> Image | Spectrum:
-        """A refined (C, ...) array as a record like the samples'."""
-        return dataclasses.replace(self.like, flux=flux.reshape(self.like.flux.shape).astype(np.float32))
+        iy, ix = view.inner
+        return (prior + std * u)[:, :, iy, ix].numpy()
 
 
 def refine_translation(source: Image, samples: Sequence[Image], consistency: Consistency,
@@ -264,10 +241,9 @@ def refine_translation(source: Image, samples: Sequence[Image], consistency: Con
              variance, e.g. [the samples' mean] alone: the map is linear, so that gives the
              mean of the refined samples at 1/S of the cost."""
     problem = Refinement(source, samples, consistency.terms)
-    centres = problem.stack if priors is None else \
-        np.stack([np.asarray(p, np.float64).reshape(problem.mean.shape) for p in priors])
+    centres = problem.stack if priors is None else np.stack([np.asarray(p, np.float64) for p in priors])
     refined = problem.solve(centres, [(consistency.floor, consistency.fraction)] * len(centres), iterations, tol)
-    return [problem.record(r) for r in refined]
+    return [dataclasses.replace(problem.like, flux=r.astype(np.float32)) for r in refined]
 
 
 def conjugate_gradients(op, rhs: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
@@ -301,9 +277,8 @@ def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Seq
     if len(pairs) < 5:
         raise ValueError(f"fit_consistency: needs >= 5 objects with both {source} and {target}, got {len(pairs)}")
     src0, tgt0 = pairs[0].records[source], pairs[0].records[target]
-    terms = None if isinstance(tgt0, Spectrum) else \
-        fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
-    gen = pipe.sample(pairs, [source], target, seed=seed, n_samples=n_samples, **schedule)
+    terms = fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
+    gen = pipe.translate(pairs, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
     widths = [(float(f), float(r)) for f in floors for r in fractions]
     chi = []                                                                  # (objects, widths)
     for s, g in zip(pairs, gen):
@@ -311,8 +286,7 @@ def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Seq
         means = problem.solve(np.repeat(problem.mean[None], len(widths), 0), widths)
         t = s.records[target]
         good = ~t.mask & (t.ivar > 0)
-        chi.append([float(np.mean((m.reshape(t.flux.shape)[good] - t.flux[good]) ** 2 * t.ivar[good]))
-                    for m in means])
+        chi.append([float(np.mean((m[good] - t.flux[good]) ** 2 * t.ivar[good])) for m in means])
     scores = np.median(np.array(chi), 0)
     floor, fraction = widths[int(np.argmin(scores))]
     return Consistency(source, target, terms, floor, fraction=fraction, fit=dict(

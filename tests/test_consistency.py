@@ -128,25 +128,3 @@ def test_consistency_json_round_trip_and_unknown_keys(sky_shards):
     np.testing.assert_allclose(back.terms.slope, cons.terms.slope)
     with pytest.raises(ValueError, match="unknown key"):
         Consistency.from_json({**cons.to_json(), "flor": 1.0})
-
-
-def test_spectrum_view_of_the_desi_truth_is_the_sdss_truth(sky_shards):
-    """The noiseless DESI-like spectrum broadened to the SDSS-like line spread and pixels,
-    times the fitted aperture ratio, is the noiseless SDSS-like spectrum (the two fibres
-    see different shares of the galaxy: the ratio is fitted, and positive)."""
-    from omnisky.generate.spectrum_view import SpectrumView
-    objs = [s for s in stream(shard_urls(sky_shards)) if "spectrum.sdss" in s.records and "spectrum.desi" in s.records]
-    assert objs
-    for s in objs[:4]:
-        sdss, desi = s.records["spectrum.sdss"], s.records["spectrum.desi"]
-        view = SpectrumView(sdss, desi)
-        x = torch.as_tensor(s.truth["spectrum.desi"], dtype=torch.float64)[None, None]
-        data = torch.as_tensor(np.where(sdss.mask, 0.0, sdss.flux), dtype=torch.float64)[None, None]
-        view.calibrate(x, data, torch.as_tensor(np.where(sdss.mask, 0.0, sdss.ivar))[None, None])
-        model = view(x)[0, 0].numpy()
-        good = (view.valid[0, 0].numpy() > 0) & (sdss.ivar > 0)
-        assert good.mean() > 0.9 and view.coefficients[0] > 0
-        chi2 = np.mean((model[good] - s.truth["spectrum.sdss"][good]) ** 2 * sdss.ivar[good])
-        assert chi2 < 0.05, (s.object_id, chi2, view.coefficients)
-        r = torch.randn(1, 1, len(sdss.flux), dtype=torch.float64)
-        assert abs(float((view(x) * r).sum() - (x * view.adjoint(r)).sum())) < 1e-8 * float(x.abs().sum())

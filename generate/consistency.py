@@ -276,12 +276,20 @@ def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Seq
     pairs = [s for s in pairs if source in s.records and target in s.records]
     if len(pairs) < 5:
         raise ValueError(f"fit_consistency: needs >= 5 objects with both {source} and {target}, got {len(pairs)}")
+    gen = pipe.translate(pairs, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
+    return fit_prior_width(pairs, gen, source, target, floors, fractions)
+
+
+def fit_prior_width(pairs: Sequence, priors: Sequence[Sequence[Image]], source: str, target: str,
+                    floors: Sequence[float] = FLOORS, fractions: Sequence[float] = FRACTIONS) -> Consistency:
+    """`fit_consistency` for given prior images: priors[i] are the target-survey Images (the
+    samples) of pairs[i], from the model or from anything else (e.g. the classical baseline,
+    to measure what the refinement alone buys)."""
     src0, tgt0 = pairs[0].records[source], pairs[0].records[target]
     terms = fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
-    gen = pipe.translate(pairs, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
     widths = [(float(f), float(r)) for f in floors for r in fractions]
     chi = []                                                                  # (objects, widths)
-    for s, g in zip(pairs, gen):
+    for s, g in zip(pairs, priors):
         problem = Refinement(s.records[source], g, terms)
         means = problem.solve(np.repeat(problem.mean[None], len(widths), 0), widths)
         t = s.records[target]
@@ -290,5 +298,5 @@ def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Seq
     scores = np.median(np.array(chi), 0)
     floor, fraction = widths[int(np.argmin(scores))]
     return Consistency(source, target, terms, floor, fraction=fraction, fit=dict(
-        n_objects=len(pairs), n_samples=n_samples,
+        n_objects=len(pairs), n_samples=len(priors[0]),
         median_chi2_vs_observed={f"{f:g},{r:g}": float(c) for (f, r), c in zip(widths, scores)}))

@@ -59,6 +59,8 @@ def render_markdown(r: dict) -> str:
         f"{_fmt(t.get('chi2_fm_consistent'))} |",
         f"| omnisky + data consistency, mean of {t['n_samples']} samples | {_fmt(t.get('chi2_fm_mean_consistent'))} |",
         f"| baseline: resample + PSF matching + colour terms | {_fmt(t['chi2_baseline'])} |",
+        f"| baseline + the same data consistency (the baseline as the prior) | "
+        f"{_fmt(t.get('chi2_baseline_consistent'))} |",
         f"| baseline without PSF matching | {_fmt(t['chi2_baseline_no_psf_matching'])} |",
         f"| image tokenizer round trip of the HSC image (ceiling) | {_fmt(t['chi2_tokenizer_roundtrip'])} |", "",
         "Galaxy shape (e1, e2 from Gaussian-weighted second moments) against the truth's: correlation over "

@@ -197,6 +197,7 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     for key in ("translation", "translation_back"):
         t = res[key]
         assert math.isfinite(t["chi2_fm_consistent"]) and math.isfinite(t["chi2_fm_mean_consistent"])
+        assert math.isfinite(t["chi2_baseline_consistent"]) and t["baseline_consistency"]["floor"] > 0
         assert 5 <= t["consistency"]["fit"]["n_objects"] <= 12 and -1 <= t["shape"]["fm_consistent"]["corr"] <= 1
     assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10

@@ -123,6 +123,10 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
         for i, s in enumerate(test[:3]):
             image_figure(figdir / f"translate_{i}.png", s.records[source], gen[i], truth_record(s, target),
                          title=f"{s.object_id}: {source} -> {target} (z={s.params.get('z', float('nan')):.2f})")
+            if cons is not None:
+                image_figure(figdir / f"translate_consistent_{i}.png", s.records[source],
+                             refine_translation(s.records[source], gen[i], cons), truth_record(s, target),
+                             title=f"{s.object_id}: {source} -> {target}, pulled to the {source} data")
     fm, base = np.array(fm), np.array(base)
     e = {k: np.array(v) for k, v in shapes.items()}
     shape = {name: dict(corr=float(np.mean([np.corrcoef(e[name][:, j], e["truth"][:, j])[0, 1] for j in (0, 1)]))

@@ -79,6 +79,9 @@ def render_markdown(r: dict) -> str:
            "equations.", ""] if t.get("consistency") else []),
         "input / generated / truth / residual:", "",
         *[f"![translation {i}](figures/translate_{i}.png)" for i in range(3)], "",
+        *(["The same samples with data consistency:", "",
+           *[f"![translation {i}, consistent](figures/translate_consistent_{i}.png)" for i in range(3)], ""]
+          if t.get("consistency") else []),
         f"## Spectrum super-resolution: SDSS-like -> DESI-like ({s['n']} objects)", "",
         "| method | median reduced chi2 (SDSS range) |", "|---|---|",
         f"| omnisky | {_fmt(s['chi2_fm'])} |", f"| baseline: linear interpolation | {_fmt(s['chi2_baseline'])} |", "",

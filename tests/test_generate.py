@@ -297,3 +297,5 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     figures = json.loads((tiny_models / "report" / "report.json").read_text())
     assert math.isfinite(figures["translation"]["chi2_baseline"]) and figures["superres"]["n"] >= 1
     assert (tiny_models / "report" / "figures" / "translate_0.png").exists()
+    assert (tiny_models / "report" / "figures" / "translate_consistent_0.png").exists()
+    assert "data consistency" in report and math.isfinite(figures["translation"]["chi2_fm_mean_consistent"])

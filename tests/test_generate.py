@@ -11,7 +11,7 @@ import torch
 from astropy.io import fits
 
 from omnisky.fm.modality import ModalityTable
-from omnisky.generate.baselines import interpolate_spectrum, resample_image
+from omnisky.generate.baselines import interpolate_spectrum, resample_image, stamp_centre
 from omnisky.generate.sampler import filter_logits, generate, guided_logits, token_probabilities
 from omnisky.generate.schedule import TargetSchedule, schedule_from_json, schedule_to_json
 from omnisky.generate.templates import template_for
@@ -143,7 +143,7 @@ def test_every_schedule_setting_samples_seeded_batches_of_one_and_many(trained, 
 def _gaussian_image(key, sigma_arcsec=0.8, mag=19.0):
     img = template_for(key, image_size=32)
     c, h, w = img.flux.shape
-    y, x = (np.mgrid[:h, :w] - (h - 1) / 2) * img.pixel_scale
+    y, x = (np.mgrid[:h, :w] - stamp_centre(h)) * img.pixel_scale     # the object on pixel n // 2, as the sky has it
     prof = np.exp(-0.5 * (x ** 2 + y ** 2) / sigma_arcsec ** 2)
     total = 10 ** (-0.4 * (mag - img.zero_point))
     img.flux = (np.repeat(prof[None], c, 0) / prof.sum() * total).astype(np.float32)

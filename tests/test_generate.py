@@ -285,6 +285,14 @@ def test_pipeline_translates_back_and_chains_with_several_samples(tiny_models, s
     assert len(back) == 2 and len(back[0]) == 2 and back[0][0].bands == ("des.g", "des.r", "des.i", "des.z")
     again = sky.translate(objs, source="image.hsc", target="image.des", n_samples=2, seed=1, steps=2)
     np.testing.assert_array_equal(back[1][1].flux, again[1][1].flux)            # seeded
+    from omnisky.generate.consistency import Consistency, refine_translation
+    cons = Consistency("image.hsc", "image.des", None, floor=1.0)
+    pulled = sky.translate(objs, source="image.hsc", target="image.des", n_samples=2, seed=1, steps=2, consistency=cons)
+    expect = refine_translation(objs[1].records["image.hsc"], back[1], cons)
+    np.testing.assert_allclose(pulled[1][1].flux, expect[1].flux, rtol=1e-5, atol=1e-6)
+    assert len(pulled[0]) == 2 and not np.allclose(pulled[1][1].flux, back[1][1].flux)
+    with pytest.raises(ValueError, match="consistency fitted for image.hsc -> image.des"):
+        sky.translate(objs, source="image.des", target="image.hsc", steps=2, consistency=cons)
     chain = sky.sample_chain(objs[:1], ["image.hsc"], sky.schedule(["scalar.redshift", "spectrum.sdss"], steps=2))
     assert set(chain[0][0]) == {"scalar.redshift", "spectrum.sdss"} and len(chain[0][0]["spectrum.sdss"].flux) > 1000
 

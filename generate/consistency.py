@@ -26,10 +26,12 @@ target band j nearest to it in wavelength:
      evaluated at the prior mean's aperture colours;
   2. convolve with the kernel taking the target's effective PSF to the source's, K =
      T_src T_tgt / (T_tgt^2 + lambda) (Moffat transfer functions of the records' FWHMs
-     times the pixel boxes; the source PSF is the broader one, so lambda only guards
-     against the target's zeros), flux kept;
-  3. sample bilinearly at the source pixel centres (the stamps share their centre), times
-     the pixel-area ratio and the zero-point conversion.
+     times the pixel boxes), flux kept: where the source PSF is the broader one (DES-like
+     seen from HSC-like pixels) lambda only guards against the target's zeros, the other
+     way it bounds the sharpening;
+  3. sample bilinearly at the source pixel centres (the object on pixel n // 2 of both
+     stamps, plus a sub-pixel shift fitted per object, `SourceView.fit_shift`), times the
+     pixel-area ratio and the zero-point conversion.
 The unknown image extends `margin_arcsec` beyond the source stamp so that light blurred
 in from outside the target stamp has somewhere to come from; that border has prior mean 0
 and only the floor's width, and is cut off at the end.

@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--consistency", default=None,
                            help="pull each sample to the source observation (generate.consistency): a "
                                 "consistency.json written by an earlier run, or a raw shards folder of objects "
-                                "observed by both surveys to fit it on (colour equations and floor; written to "
+                                "observed by both surveys to fit it on (colour equations and prior width; written to "
                                 "OUT/consistency.json). Use --samples 8 or so: their spread is the prior's width")
             q.add_argument("--consistency-n", type=int, default=CONSISTENCY_OBJECTS,
                            help="paired objects to fit the consistency on")
@@ -222,6 +222,8 @@ def load_consistency(pipe, args, source: str, target: str):
     """The translation's Consistency from args.consistency (JSON file or paired raw shards)."""
     from .consistency import Consistency, fit_consistency
     path = Path(args.consistency)
+    if not path.exists():
+        raise SystemExit(f"--consistency {path}: no such file (consistency.json) or folder (paired raw shards)")
     if path.is_file():
         cons = Consistency.from_json(json.loads(path.read_text()))
     else:

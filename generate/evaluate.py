@@ -45,7 +45,7 @@ from .probe import LinearProbe
 FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
 REDSHIFT_OBJECTS = 400      # held-out objects the redshift posterior is scored on (one forward pass each)
 CALIBRATION_OBJECTS = 400   # held-out objects after those, to calibrate the posterior on
-CONSISTENCY_OBJECTS = 24    # training objects the translation's data-consistency floor is fitted on
+CONSISTENCY_OBJECTS = 24    # training objects the translation's data-consistency prior width is fitted on
 
 
 def heldout_split(samples: list, n: int) -> tuple[list, list | None]:

@@ -236,6 +236,8 @@ def test_cli_translate_with_data_consistency_fits_then_reuses_it(tiny_models, sk
     load = lambda d: np.load(tiny_models / d / f"{oid}.image.hsc.0.npz")["image.hsc/flux"]   # noqa: E731
     np.testing.assert_array_equal(load("tr_dc"), load("tr_dc2"))
     assert not np.allclose(load("tr_dc"), load("tr_plain"))
+    with pytest.raises(SystemExit, match="no such file"):
+        _run("translate", *common, "--consistency", str(tiny_models / "nowhere.json"), "--out", str(tiny_models / "tr_x"))
     with pytest.raises(SystemExit, match="fitted for image.des -> image.hsc"):
         _run("translate", *common, "--given", "image.hsc", "--target", "image.des",
              "--consistency", str(tiny_models / "tr_dc" / "consistency.json"), "--out", str(tiny_models / "tr_x"))

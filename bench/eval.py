@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from omnisky.generate.cli import load_samples
+from omnisky.generate.catalog_consistency import fit_catalog_consistency
 from omnisky.generate.evaluate import (CALIBRATION_OBJECTS, FLUXES, REDSHIFT_OBJECTS, evaluate_conditional, evaluate_redshift,
                                        evaluate_sdss_catalog, evaluate_superres, evaluate_translation, heldout_split)
 from omnisky.generate.pipeline import Pipeline
@@ -88,6 +89,10 @@ def main(argv=None) -> dict:
     p.add_argument("--n-calibration", type=int, default=CALIBRATION_OBJECTS,
                    help="held-out objects after those, to calibrate the redshift posterior on")
     p.add_argument("--n-train", type=int, default=600, help="training objects for the image baselines")
+    p.add_argument("--n-train-catalog", type=int, default=2000,
+                   help="training objects for the catalog consistency's maps (generate.catalog_consistency)")
+    p.add_argument("--n-catalog-model", type=int, default=48,
+                   help="of those, objects whose generated images set the model's error (the prior's width)")
     p.add_argument("--n-train-redshift", type=int, default=0,
                    help="training objects whose labels gradient boosting and the probe get (0 = all, as the FM)")
     p.add_argument("--sdss", default="auto", help="SDSS catalog FITS ('auto': the shared data; 'none': skip)")
@@ -115,8 +120,11 @@ def main(argv=None) -> dict:
                                                    None, seed, source="image.hsc", target="image.des", **sched)
     res["superres"] = evaluate_superres(pipe, load_samples(args.data, n, ["spectrum.sdss", "spectrum.desi"]),
                                         figdir, seed, **sched)
-    res["conditional"] = evaluate_conditional(
-        pipe, load_samples(args.data, n, ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES), figdir, seed, **sched)
+    cond_need = ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES
+    catalog = fit_catalog_consistency(pipe, load_samples(args.train_data, args.n_train_catalog, cond_need), "image.des",
+                                      n_model=args.n_catalog_model, seed=seed, **sched)
+    res["conditional"] = evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, seed,
+                                              catalog=catalog, **sched)
     zs = load_samples(args.data, args.n_redshift + args.n_calibration, ["image.des", "scalar.redshift"] + FLUXES)
     z_train = load_samples(args.train_data, args.n_train_redshift or 10 ** 9, ["image.des", "scalar.redshift"] + FLUXES)
     res["redshift"] = evaluate_redshift(pipe, *heldout_split(zs, args.n_redshift), z_train, seed)

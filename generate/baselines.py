@@ -17,6 +17,10 @@
      bands bracketing the target band measured in an aperture on the source image.
 - `interpolate_spectrum`: super-resolution by linear interpolation of the source spectrum
   onto the target grid (NaN and masked outside the source range).
+- `catalog_profile_image`: an image from catalog values the classical way: a round
+  exponential disk of the catalog's half-light radius and per-band fluxes (a point source
+  where r_half is 0), convolved with the survey's PSF (Moffat of the template's FWHMs) and
+  pixelated; what the catalog alone says, with no shape or orientation.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from ..shards import bands as band_registry
-from ..shards.render import IMAGING, moffat_otf
+from ..shards.render import IMAGING, Profile, moffat_otf, render
 from ..shards.schema import Image, Spectrum
 
 APERTURE_ARCSEC = 2.5     # radius of the aperture the source colours are measured in
@@ -195,3 +199,20 @@ def interpolate_spectrum(src: Spectrum, like: Spectrum) -> Spectrum:
     good = ~src.mask
     flux = np.interp(like.wavelength, src.wavelength[good], src.flux[good], left=np.nan, right=np.nan)
     return dataclasses.replace(like, flux=flux.astype(np.float32), mask=~np.isfinite(flux))
+
+
+def catalog_profile_image(sample, like: Image, flux_prefix: str = "scalar.flux_", size_key: str = "scalar.r_half") -> Image:
+    """`like`'s survey image of the object's catalog values (see the module docstring): a
+    band takes the catalog flux of the same name ('des.g' <- scalar.flux_g, nanomaggies),
+    0 where the catalog has none; r_half (arcsec) 0 where the catalog has none."""
+    if like.survey not in IMAGING:
+        raise ValueError(f"catalog_profile_image: no imaging survey {like.survey!r}; known: {sorted(IMAGING)}")
+    rec = sample.records.get(size_key)
+    r_half = max(float(rec.value), 0.0) if rec is not None else 0.0
+    units = 1.0 / ab_nanomaggies(like)                                   # nanomaggies -> the image's units
+    flux = np.array([sample.records[k].value * units if (k := flux_prefix + b.split(".")[-1]) in sample.records
+                     else 0.0 for b in like.bands])
+    c, h, w = like.flux.shape
+    pixels = render(Profile(r_bulge=0.0, r_disk=r_half, q=1.0, pa=0.0), np.zeros(c), flux,
+                    np.asarray(like.psf_fwhm, np.float64), IMAGING[like.survey], h)
+    return dataclasses.replace(like, flux=pixels.astype(np.float32))

@@ -17,7 +17,10 @@ the truth where the data have it). `translate --given image.hsc --target image.d
 the other way; any band set the image tokenizer decodes can be a target. `translate
 --consistency PAIRED_RAW --samples 8` pulls each sample to the source observation
 (`generate.consistency`, fitted on the paired objects and written to OUT/consistency.json;
-pass that file on later runs).
+pass that file on later runs). `sample --target image.des --catalog-consistency TRAIN_RAW`
+pulls each image to the object's catalog fluxes and half-light radius
+(`generate.catalog_consistency`, fitted on the training objects' observations and written to
+OUT/catalog_consistency.json; pass that file on later runs).
 """
 from __future__ import annotations
 
@@ -94,6 +97,15 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
         cons = load_consistency(pipe, args, given[0], targets[0])
         for s, draws in zip(samples, chain):
             refined = refine_translation(s.records[given[0]], [d[targets[0]] for d in draws], cons)
+            for d, r in zip(draws, refined):
+                d[targets[0]] = r
+    if getattr(args, "catalog_consistency", None):
+        if len(targets) != 1 or modality_kind(targets[0]) != "image":
+            raise SystemExit("--catalog-consistency: one target image, generated from catalog values")
+        from .catalog_consistency import refine_to_catalog
+        cons = load_catalog_consistency(pipe, args, targets[0])
+        for s, draws in zip(samples, chain):
+            refined = refine_to_catalog(s, [d[targets[0]] for d in draws], cons)
             for d, r in zip(draws, refined):
                 d[targets[0]] = r
     (out / "schedule.json").write_text(json.dumps(schedule_to_json(schedule), indent=1))
@@ -215,24 +227,50 @@ def build_parser() -> argparse.ArgumentParser:
                                 "OUT/consistency.json). Use --samples 8 or so: their spread is the prior's width")
             q.add_argument("--consistency-n", type=int, default=CONSISTENCY_OBJECTS,
                            help="paired objects to fit the consistency on")
+        if task == "sample":
+            q.add_argument("--catalog-consistency", default=None,
+                           help="pull each image to the object's catalog fluxes and r_half "
+                                "(generate.catalog_consistency): a catalog_consistency.json written by an earlier "
+                                "run, or a raw shards folder of training objects to fit it on (written to "
+                                "OUT/catalog_consistency.json)")
+            q.add_argument("--catalog-n", type=int, default=2000, help="training objects to fit the maps on")
     return p
+
+
+def load_or_fit(flag: str, value: str, name: str, from_json, fit, out: str):
+    """A consistency (translation's or catalog's) from `value`: a JSON file `name` written by an
+    earlier run, or a raw shards folder `fit(path)` fits it on; written to OUT/`name`."""
+    path = Path(value)
+    if not path.exists():
+        raise SystemExit(f"{flag} {path}: no such file ({name}) or folder (raw shards)")
+    cons = from_json(json.loads(path.read_text())) if path.is_file() else fit(path)
+    (Path(out) / name).write_text(json.dumps(cons.to_json(), indent=1))
+    return cons
+
+
+def load_catalog_consistency(pipe, args, target: str):
+    """The CatalogConsistency from args.catalog_consistency (JSON file or training raw shards)."""
+    from .catalog_consistency import SIZE_KEY, CatalogConsistency, fit_catalog_consistency
+    fit = lambda path: fit_catalog_consistency(                                  # noqa: E731
+        pipe, load_samples(str(path), args.catalog_n, need=[target, SIZE_KEY]), target, given=args.given,
+        seed=args.seed, **schedule_args(args))
+    cons = load_or_fit("--catalog-consistency", args.catalog_consistency, "catalog_consistency.json",
+                       CatalogConsistency.from_json, fit, args.out)
+    if cons.target != target:
+        raise SystemExit(f"{args.catalog_consistency}: catalog consistency fitted for {cons.target}, not {target}")
+    return cons
 
 
 def load_consistency(pipe, args, source: str, target: str):
     """The translation's Consistency from args.consistency (JSON file or paired raw shards)."""
     from .consistency import Consistency, fit_consistency
-    path = Path(args.consistency)
-    if not path.exists():
-        raise SystemExit(f"--consistency {path}: no such file (consistency.json) or folder (paired raw shards)")
-    if path.is_file():
-        cons = Consistency.from_json(json.loads(path.read_text()))
-    else:
-        pairs = load_samples(str(path), args.consistency_n, need=[source, target])
-        cons = fit_consistency(pipe, pairs, source, target, n_samples=max(args.samples, 2), seed=args.seed,
-                               **schedule_args(args))
+    fit = lambda path: fit_consistency(                                          # noqa: E731
+        pipe, load_samples(str(path), args.consistency_n, need=[source, target]), source, target,
+        n_samples=max(args.samples, 2), seed=args.seed, **schedule_args(args))
+    cons = load_or_fit("--consistency", args.consistency, "consistency.json", Consistency.from_json, fit, args.out)
     if (cons.source, cons.target) != (source, target):
-        raise SystemExit(f"{path}: consistency fitted for {cons.source} -> {cons.target}, not {source} -> {target}")
-    (Path(args.out) / "consistency.json").write_text(json.dumps(cons.to_json(), indent=1))
+        raise SystemExit(f"{args.consistency}: consistency fitted for {cons.source} -> {cons.target}, "
+                         f"not {source} -> {target}")
     return cons
 
 

@@ -16,7 +16,12 @@ without the model. Used by `omnisky-generate report` (markdown) and `bench/eval.
   measured on the generated image against the given fluxes in units of their noise, and
   the half-light radius measured on it against the one measured on the noiseless truth
   in units of that measurement's noise (its scatter on the real observations); the real
-  observation's own figures are given beside as the reference;
+  observation's, the tokenizer round trip's and the noiseless truth's own figures beside as
+  references (the truth's stamp misses the light beyond it), and with `catalog` the same
+  images pulled to the catalog values (`generate.catalog_consistency`); reduced chi-square
+  against the truth of each, beside the classical baseline (`baselines.
+  catalog_profile_image`: a round exponential disk of the catalog's size and fluxes through
+  the PSF);
 - redshift (scalar.redshift | image.des + fluxes): sigma_NMAD, outlier fraction, bias of
   the posterior median, and the 68% interval's coverage, of the posterior calibrated on
   held-out calibration objects (and uncalibrated, `*_t1`); gradient boosting on the same
@@ -34,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import fit_calibration
-from .baselines import fit_colour_terms, fit_psf_regulariser, interpolate_spectrum, resample_image
+from .catalog_consistency import refine_to_catalog
+from .baselines import catalog_profile_image, fit_colour_terms, fit_psf_regulariser, interpolate_spectrum, resample_image
 from .consistency import fit_consistency, fit_prior_width, refine_translation
 from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
@@ -192,42 +198,55 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
 
 
 def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, target: str = "image.des",
-                         given=("scalar.redshift", *FLUXES, "scalar.r_half"), **schedule) -> dict:
+                         given=("scalar.redshift", *FLUXES, "scalar.r_half"), catalog=None, **schedule) -> dict:
+    """Images of `target` generated from catalog values, measured as an astronomer would
+    (generate.measure): stamp flux pulls against the given fluxes, half-light radius against
+    the noiseless truth's, beside the real observation, the image tokenizer's round trip and the
+    noiseless truth itself (its stamp misses the light beyond it: the floor of the flux pulls).
+    `catalog` (generate.catalog_consistency): the same images pulled to the catalog values too
+    (`*_catalog`). Reduced chi2 of each against the truth."""
     given = list(given)
-    gen = pipe.sample(test, given, target, seed=seed, **schedule)
+    gen = [g[0] for g in pipe.sample(test, given, target, seed=seed, **schedule)]
     flux_in = np.array([[s.records[k].value for k in FLUXES] for s in test])          # (N, 4)
     sigma_in = np.array([[s.records[k].uncertainty for k in FLUXES] for s in test])
     observed = [s.records[target] for s in test]
+    truths = [truth_record(s, target) for s in test]
     tok = pipe.tokenizer(target)
     roundtrip = tok.decode(tok.encode(observed), like=observed)   # what the tokens can carry at best
-    phot_gen = [image_photometry(g[0]) for g in gen]
-    phot_obs = [image_photometry(o) for o in observed]
-    phot_rt = [image_photometry(r) for r in roundtrip]
-    phot_true = [image_photometry(truth_record(s, target)) for s in test]
-    pull_gen = (np.array([p["flux"] for p in phot_gen]) - flux_in) / sigma_in        # (N, 4)
-    pull_obs = (np.array([p["flux"] for p in phot_obs]) - flux_in) / sigma_in
-    pull_rt = (np.array([p["flux"] for p in phot_rt]) - flux_in) / sigma_in
-    r_true = np.array([p["r_half"] for p in phot_true])
-    d_obs = np.array([p["r_half"] for p in phot_obs]) - r_true
-    size_sigma = 1.4826 * _median(np.abs(d_obs - _median(d_obs)))                   # measurement noise (arcsec)
-    d_gen = np.array([p["r_half"] for p in phot_gen]) - r_true
-    d_rt = np.array([p["r_half"] for p in phot_rt]) - r_true
+    images = dict(gen=gen, obs=observed, rt=roundtrip, truth=truths,
+                  base=[catalog_profile_image(s, o) for s, o in zip(test, observed)])
+    if catalog is not None:
+        images["cat"] = [refine_to_catalog(s, [g], catalog)[0] for s, g in zip(test, gen)]
+    phot = {k: [image_photometry(im) for im in v] for k, v in images.items()}
+    pulls = {k: (np.array([p["flux"] for p in v]) - flux_in) / sigma_in for k, v in phot.items()}   # (N, 4) each
+    r_true = np.array([p["r_half"] for p in phot["truth"]])
+    d = {k: np.array([p["r_half"] for p in v]) - r_true for k, v in phot.items()}
+    size_sigma = 1.4826 * _median(np.abs(d["obs"] - _median(d["obs"])))              # measurement noise (arcsec)
+    chi2 = {k: _median([reduced_chi2(im.flux, t.flux, o.ivar, o.mask) for im, t, o in zip(images[k], truths, observed)])
+            for k in images if k not in ("obs", "truth")}
     if figdir is not None:
         for i, s in enumerate(test[:3]):
-            image_figure(figdir / f"sample_{i}.png", None, gen[i], truth_record(s, target),
-                         title=f"{s.object_id}: {target} | z={s.records['scalar.redshift'].value:.2f}, fluxes, r_half")
+            title = f"{s.object_id}: {target} | z={s.records['scalar.redshift'].value:.2f}, fluxes, r_half"
+            image_figure(figdir / f"sample_{i}.png", None, [gen[i]], truths[i], title=title)
+            if catalog is not None:
+                image_figure(figdir / f"sample_catalog_{i}.png", None, [images["cat"][i]], truths[i],
+                             title=title + ", pulled to the catalog")
     bands = [k.split("_")[-1] for k in FLUXES]
-    return dict(n=len(test), given=given, target=target,
-                flux_pull_median={b: _median(pull_gen[:, j]) for j, b in enumerate(bands)},
-                flux_abs_pull_median={b: _median(np.abs(pull_gen[:, j])) for j, b in enumerate(bands)},
-                observed_flux_abs_pull_median={b: _median(np.abs(pull_obs[:, j])) for j, b in enumerate(bands)},
-                roundtrip_flux_abs_pull_median={b: _median(np.abs(pull_rt[:, j])) for j, b in enumerate(bands)},
-                roundtrip_flux_pull_median={b: _median(pull_rt[:, j]) for j, b in enumerate(bands)},
-                size_measurement_sigma_arcsec=size_sigma,
-                size_abs_pull_median=_median(np.abs(d_gen) / size_sigma),
-                observed_size_abs_pull_median=_median(np.abs(d_obs) / size_sigma),
-                roundtrip_size_abs_pull_median=_median(np.abs(d_rt) / size_sigma),
-                size_bias_arcsec=_median(d_gen))
+    prefix = dict(gen="", obs="observed_", rt="roundtrip_", truth="truth_", cat="catalog_", base="baseline_")
+    out = dict(n=len(test), given=given, target=target, size_measurement_sigma_arcsec=size_sigma,
+               size_bias_arcsec=_median(d["gen"]))
+    for k, pre in prefix.items():
+        if k not in images:
+            continue
+        out[f"{pre}flux_abs_pull_median"] = {b: _median(np.abs(pulls[k][:, j])) for j, b in enumerate(bands)}
+        out[f"{pre}flux_pull_median"] = {b: _median(pulls[k][:, j]) for j, b in enumerate(bands)}
+        if k != "truth":
+            out[f"{pre}size_abs_pull_median"] = _median(np.abs(d[k]) / size_sigma)
+        if k in chi2:
+            out[f"{pre}chi2_vs_truth"] = chi2[k]
+    if catalog is not None:
+        out["catalog_consistency"] = dict(tau_flux=catalog.tau_flux, tau_size=catalog.tau_size, fit=catalog.fit)
+    return out
 
 
 def _flux_table(samples) -> np.ndarray:

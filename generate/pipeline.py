@@ -6,6 +6,8 @@
     hsc = sky.translate(samples, consistency=cons, n_samples=8)               # pulled to the DES data
     desi = sky.superres(samples)                                              # SDSS -> DESI
     img = sky.sample(samples, given=["scalar.redshift", "scalar.flux_r"], target="image.hsc")
+    cat = fit_catalog_consistency(sky, train_samples, "image.des")            # generate.catalog_consistency
+    img = sky.sample(samples, given=[...], target="image.des", catalog=cat)  # pulled to the catalog values
     chain = sky.sample_chain(samples, ["image.des"], sky.schedule(["spectrum.desi", "image.hsc"], steps=8))
     post = sky.predict(samples, given=["image.des"], target="scalar.redshift")
     emb = sky.embed(samples, given=["image.des"])                             # (B, D)
@@ -28,6 +30,7 @@ from ..fm.model import FourM
 from ..shards.schema import Sample, modality_kind
 from ..tokenizers.base import Tokenizer, load_tokenizer
 from .calibration import model_level
+from .catalog_consistency import CatalogConsistency, refine_to_catalog
 from .consistency import Consistency, refine_translation
 from .posterior import bin_quantile
 from .sampler import generate, token_probabilities
@@ -125,11 +128,19 @@ class Pipeline:
         return [[{t: decoded[t][k][i] for t in decoded} for k in range(n_samples)] for i in range(len(samples))]
 
     def sample(self, samples: Sequence[Sample], given: Sequence[str], target: str, like=None,
-               n_samples: int = 1, seed: int = 0, **schedule) -> list[list]:
+               n_samples: int = 1, seed: int = 0, catalog: CatalogConsistency | None = None,
+               **schedule) -> list[list]:
         """Records of `target` given `given`: a list over objects of `n_samples` records.
-        `schedule`: TargetSchedule settings (scheme, steps, temperature, guidance, ...)."""
+        `schedule`: TargetSchedule settings (scheme, steps, temperature, guidance, ...).
+        `catalog` (generate.catalog_consistency.fit_catalog_consistency): each image then pulled
+        to the object's catalog fluxes and half-light radius."""
         chain = self.sample_chain(samples, given, self.schedule(target, **schedule), {target: like}, n_samples, seed)
-        return [[d[target] for d in draws] for draws in chain]
+        gen = [[d[target] for d in draws] for draws in chain]
+        if catalog is None:
+            return gen
+        if catalog.target != target:
+            raise ValueError(f"catalog consistency fitted for {catalog.target}, not {target}")
+        return [refine_to_catalog(s, g, catalog) for s, g in zip(samples, gen)]
 
     def translate(self, samples, source: str = "image.des", target: str = "image.hsc",
                   consistency: Consistency | None = None, **kw):

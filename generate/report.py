@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from .catalog_consistency import fit_catalog_consistency
 from .cli import load_samples
 from .evaluate import (CALIBRATION_OBJECTS, FLUXES, evaluate_conditional, evaluate_redshift, evaluate_superres,
                        evaluate_translation, heldout_split)
@@ -26,10 +27,13 @@ def write_report(pipe, args) -> dict:
     train = load_samples(args.train_data, 300, train_need) if args.train_data else []
     cond_need = ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES
     z_need = ["image.des", "scalar.redshift"] + FLUXES
+    catalog = (fit_catalog_consistency(pipe, load_samples(args.train_data, 2000, cond_need), "image.des", seed=args.seed)
+               if args.train_data else None)
     results = dict(
         translation=evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train, figdir, args.seed),
         superres=evaluate_superres(pipe, load_samples(args.data, n, ["spectrum.sdss", "spectrum.desi"]), figdir, args.seed),
-        conditional=evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, args.seed),
+        conditional=evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, args.seed,
+                                         catalog=catalog),
         redshift=evaluate_redshift(pipe, *heldout_split(load_samples(args.data, nz + CALIBRATION_OBJECTS, z_need), nz),
                                    load_samples(args.train_data, 10 ** 9, z_need) if args.train_data else []),
     )
@@ -98,16 +102,31 @@ def render_markdown(r: dict) -> str:
           for k, v in s["line_flux_error"].items()], "",
         *[f"![superres {i}](figures/superres_{i}.png)" for i in range(3)], "",
         f"## Conditional generation: {c['target']} given {', '.join(c['given'])} ({c['n']} objects)", "",
-        "Median |measured - given| / noise of the given value (fluxes), and |r_half measured on the image - "
-        "on the noiseless truth| / measurement noise (size); the image tokenizer's round trip of the real "
-        "observation is what the tokens can carry:", "",
-        "| quantity | generated image | real observation | tokenizer round trip |", "|---|---|---|---|",
-        *[f"| flux {b} | {_fmt(v)} | {_fmt(c['observed_flux_abs_pull_median'][b])} | "
-          f"{_fmt(c.get('roundtrip_flux_abs_pull_median', {}).get(b, float('nan')))} |"
+        "Median |measured - given| / noise of the given value (fluxes: the stamp's sum), and |r_half measured on "
+        "the image - on the noiseless truth| / measurement noise (size); beside them the real observation, the "
+        "image tokenizer's round trip of it (what the tokens can carry) and the noiseless truth (its stamp "
+        "misses the light beyond it); reduced chi2 against the truth in units of the observation's noise:", "",
+        "| quantity | generated image | generated + catalog consistency | baseline: round exponential disk from the "
+        "catalog | real observation | tokenizer round trip | noiseless truth |", "|---|---|---|---|---|---|---|",
+        *[f"| flux {b} | {_fmt(v)} | {_fmt(c.get('catalog_flux_abs_pull_median', {}).get(b, float('nan')))} | "
+          f"{_fmt(c['baseline_flux_abs_pull_median'][b])} | {_fmt(c['observed_flux_abs_pull_median'][b])} | "
+          f"{_fmt(c.get('roundtrip_flux_abs_pull_median', {}).get(b, float('nan')))} | "
+          f"{_fmt(c.get('truth_flux_abs_pull_median', {}).get(b, float('nan')))} |"
           for b, v in c["flux_abs_pull_median"].items()],
-        f"| half-light radius | {_fmt(c['size_abs_pull_median'])} | {_fmt(c['observed_size_abs_pull_median'])} | "
-        f"{_fmt(c.get('roundtrip_size_abs_pull_median', float('nan')))} |", "",
+        f"| half-light radius | {_fmt(c['size_abs_pull_median'])} | {_fmt(c.get('catalog_size_abs_pull_median', float('nan')))} | "
+        f"{_fmt(c['baseline_size_abs_pull_median'])} | {_fmt(c['observed_size_abs_pull_median'])} | {_fmt(c.get('roundtrip_size_abs_pull_median', float('nan')))} | 0 |",
+        f"| reduced chi2 vs truth | {_fmt(c.get('chi2_vs_truth', float('nan')))} | "
+        f"{_fmt(c.get('catalog_chi2_vs_truth', float('nan')))} | {_fmt(c['baseline_chi2_vs_truth'])} | | "
+        f"{_fmt(c.get('roundtrip_chi2_vs_truth', float('nan')))} | |", "",
+        *([f"Catalog consistency (`generate.catalog_consistency`): each image's half-light radius, then each band's "
+           f"stamp flux, is the posterior mean of the image's own (prior width {_fmt(c['catalog_consistency']['tau_size'])} "
+           f"and {_fmt(c['catalog_consistency']['tau_flux'])} of it: the model's errors on "
+           f"{c['catalog_consistency']['fit'].get('n_flux', 0) // 4} training objects) and the catalog's value mapped to "
+           f"what a stamp shows (maps fitted on {c['catalog_consistency']['fit']['n_objects']} training observations); "
+           "the image is stretched and scaled to it.", ""] if c.get("catalog_consistency") else []),
         *[f"![sample {i}](figures/sample_{i}.png)" for i in range(3)], "",
+        *([*[f"![sample {i}, catalog](figures/sample_catalog_{i}.png)" for i in range(3)], ""]
+          if c.get("catalog_consistency") else []),
         f"## Redshift from {', '.join(z['given'])} ({z['n']} objects)", "",
         "| method | sigma_NMAD | outlier fraction | bias |", "|---|---|---|---|",
         f"| omnisky posterior median | {z['fm']['sigma_nmad']:.3f} | {z['fm']['outlier_frac']:.3f} | {z['fm']['bias']:.3f} |",

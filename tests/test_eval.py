@@ -205,6 +205,9 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     cond = res["conditional"]
     assert set(cond["roundtrip_flux_abs_pull_median"]) == set(cond["flux_abs_pull_median"]) == {"g", "r", "i", "z"}
     assert all(v >= 0 for v in cond["roundtrip_flux_abs_pull_median"].values())
+    assert set(cond["catalog_flux_abs_pull_median"]) == set(cond["truth_flux_abs_pull_median"]) == {"g", "r", "i", "z"}
+    assert math.isfinite(cond["catalog_size_abs_pull_median"]) and math.isfinite(cond["catalog_chi2_vs_truth"])
+    assert cond["catalog_consistency"]["tau_flux"] >= 0.02 and cond["catalog_consistency"]["fit"]["n_objects"] >= 10
 
 
 # -- posterior temperature ------------------------------------------------------------------------

@@ -200,6 +200,9 @@ def tiny_models(sky_shards, tmp_path_factory):
     return root
 
 
+from omnisky.generate.cli import load_samples  # noqa: E402
+
+
 def _run(*argv):
     from omnisky.generate.cli import main
     assert main(list(argv)) == 0
@@ -241,6 +244,38 @@ def test_cli_translate_with_data_consistency_fits_then_reuses_it(tiny_models, sk
     with pytest.raises(SystemExit, match="fitted for image.des -> image.hsc"):
         _run("translate", *common, "--given", "image.hsc", "--target", "image.des",
              "--consistency", str(tiny_models / "tr_dc" / "consistency.json"), "--out", str(tiny_models / "tr_x"))
+
+
+def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sky_shards):
+    """--catalog-consistency RAW fits the maps (and the model's error) on training objects and
+    writes them; the FILE reproduces the images; they differ from the model's own; the pipeline's
+    `catalog=` gives the same; a consistency for another target is refused."""
+    from omnisky.generate.catalog_consistency import CatalogConsistency, refine_to_catalog
+    from omnisky.generate.pipeline import Pipeline
+    given = ["scalar.redshift", "scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z", "scalar.r_half"]
+    common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
+              "--n", "2", "--steps", "2", "--format", "npz", "--given", *given, "--target", "image.des"]
+    _run("sample", *common, "--out", str(tiny_models / "cc_plain"))
+    _run("sample", *common, "--catalog-consistency", str(sky_shards), "--out", str(tiny_models / "cc"))
+    cons = json.loads((tiny_models / "cc" / "catalog_consistency.json").read_text())
+    assert cons["target"] == "image.des" and cons["fit"]["n_objects"] >= 10 and cons["tau_flux"] >= 0.02
+    _run("sample", *common, "--catalog-consistency", str(tiny_models / "cc" / "catalog_consistency.json"),
+         "--out", str(tiny_models / "cc2"))
+    oid = json.loads((tiny_models / "cc" / "summary.json").read_text())["objects"][0]["object_id"]
+    load = lambda d: np.load(tiny_models / d / f"{oid}.image.des.0.npz")["image.des/flux"]   # noqa: E731
+    np.testing.assert_array_equal(load("cc"), load("cc2"))
+    assert not np.allclose(load("cc"), load("cc_plain"))
+    with pytest.raises(SystemExit, match="one target image"):
+        _run("sample", *common[:-1], "scalar.redshift", "--catalog-consistency", str(sky_shards),
+             "--out", str(tiny_models / "cc_x"))
+    sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
+    objs = load_samples(str(sky_shards), 2, need=["image.des", "scalar.r_half"])
+    cc = CatalogConsistency.from_json(cons)
+    plain = sky.sample(objs, given, "image.des", steps=2, seed=3)
+    pulled = sky.sample(objs, given, "image.des", steps=2, seed=3, catalog=cc)
+    np.testing.assert_allclose(pulled[1][0].flux, refine_to_catalog(objs[1], plain[1], cc)[0].flux, rtol=1e-6)
+    with pytest.raises(ValueError, match="fitted for image.des, not image.hsc"):
+        sky.sample(objs, given, "image.hsc", steps=2, catalog=cc)
 
 
 def test_cli_superres_sample_predict_embed(tiny_models, sky_shards):

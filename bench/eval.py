@@ -91,6 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-train", type=int, default=600, help="training objects for the image baselines")
     p.add_argument("--n-train-catalog", type=int, default=2000,
                    help="training objects for the catalog consistency's maps (generate.catalog_consistency)")
+    p.add_argument("--catalog-share-snr", type=float, default=100.0,
+                   help="catalog S/N above which objects set the stamp-flux shares")
     p.add_argument("--n-catalog-model", type=int, default=48,
                    help="of those, objects whose generated images set the model's error (the prior's width)")
     p.add_argument("--n-train-redshift", type=int, default=0,
@@ -122,7 +124,8 @@ def main(argv=None) -> dict:
                                         figdir, seed, **sched)
     cond_need = ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES
     catalog = fit_catalog_consistency(pipe, load_samples(args.train_data, args.n_train_catalog, cond_need), "image.des",
-                                      n_model=args.n_catalog_model, seed=seed, **sched)
+                                      n_model=args.n_catalog_model, seed=seed,
+                                      share_min_snr=args.catalog_share_snr, **sched)
     res["conditional"] = evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, seed,
                                               catalog=catalog, **sched)
     zs = load_samples(args.data, args.n_redshift + args.n_calibration, ["image.des", "scalar.redshift"] + FLUXES)

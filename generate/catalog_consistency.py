@@ -9,8 +9,10 @@ as Gaussians, one number at a time:
 
   size   prior: the sample's half-light radius r_g (measured as `generate.measure` does, on
          the stamp), width tau_size * r_g. Measurement: the catalog's r_half mapped to the
-         radius a stamp shows, R^2 = c0 + c1 r_half^2 + c2 FWHM^2 (seeing and the stamp's
-         edge), with the catalog's sigma carried through the map plus the map's scatter.
+         radius a stamp shows, R = k0 + k1 R_disk, R_disk measured on the round exponential
+         disk of the catalog's r_half and fluxes through the image's PSF and pixels
+         (`baselines.catalog_profile_image`), with the catalog's sigma carried through and
+         the map's scatter (profiles other than a disk) added.
          The posterior mean r' -> the image is stretched about the stamp centre by r'/r_g,
          flux per unit area scaled by (r_g/r')^2 so that light is kept.
   flux   per band, prior: the stretched sample's stamp flux F_g, width tau_flux * F_g.
@@ -31,9 +33,10 @@ A bright object's catalog values win, a faint one's barely move the sample; the 
 
 `fit_catalog_consistency` fits the two maps on the training objects' observed stamps
 (weighted least squares; objects whose stamp S/N is below 20 do not set the size map), then
-draws the model's images for `n_model` of them and sets tau_flux and tau_size to the robust
-spread of their fractional errors against the maps, less what the catalog's own noise
-explains (floored at 2%).
+draws the model's images for `n_model` of them and sets tau_flux to the robust spread of
+their fractional flux errors against the map, less what the catalog's own noise explains,
+and tau_size to that of their half-light radii against the observed stamps' (both floored
+at 2%).
 """
 from __future__ import annotations
 
@@ -46,13 +49,14 @@ import torch
 import torch.nn.functional as F
 
 from ..shards.schema import Image
-from .baselines import ab_nanomaggies, stamp_centre
-from .measure import image_photometry
+from .baselines import ab_nanomaggies, catalog_profile_image, stamp_centre
+from .measure import half_light_radius, image_photometry
 
 FLUX_PREFIX = "scalar.flux_"
 SIZE_KEY = "scalar.r_half"
 TAU_FLOOR = 0.02                 # the prior's smallest fractional width
-SIZE_MAP_MIN_SNR = 20.0          # stamps fainter than this do not set the size map
+MIN_SNR = 20.0                   # fainter stamps do not set the size map
+SHARE_MIN_SNR = 100.0            # fainter catalog fluxes do not set the stamp shares
 STRETCH_RANGE = (0.5, 2.0)       # the size step stretches by no more than this
 
 
@@ -66,7 +70,9 @@ def _mad_sigma(x: np.ndarray) -> float:
 class CatalogConsistency:
     """What pulling an image of `target` to catalog values needs (see the module docstring).
     `fluxes[j]`: the catalog flux key of the target's band j, or None (band not constrained);
-    `aperture[j]`: (a0, a1, a2) of that band's stamp share; `size_map`: (c0, c1, c2) in arcsec^2."""
+    `aperture[j]`: (a0, a1, a2) of that band's stamp share; `size_map`: (k0 arcsec, k1), the
+    stamp's half-light radius k0 + k1 R, R the one of the catalog's round exponential disk
+    through the image's PSF (`baselines.catalog_profile_image`)."""
     target: str
     fluxes: list
     aperture: list
@@ -95,12 +101,16 @@ class CatalogConsistency:
         pred = a * flux
         return pred, float(np.hypot(a * sigma, self.aperture_scatter[j] * pred))
 
-    def stamp_radius(self, r_half: float, sigma: float, fwhm: float) -> tuple[float, float]:
-        """Catalog r_half (arcsec) and sigma, the image's mean PSF FWHM -> the half-light radius
-        the stamp shows, and its sigma."""
-        c0, c1, c2 = self.size_map
-        R = float(np.sqrt(max(c0 + c1 * r_half ** 2 + c2 * fwhm ** 2, 1e-4)))
-        return R, float(np.hypot(c1 * r_half / R * sigma, self.size_scatter))
+    def stamp_radius(self, sample, like: Image) -> tuple[float, float] | None:
+        """The half-light radius (arcsec) a stamp like `like` shows of the object, from its catalog
+        r_half and fluxes, and that prediction's sigma; None without a catalog r_half."""
+        size = _catalog(sample, SIZE_KEY)
+        if size is None:
+            return None
+        R0 = half_light_radius(catalog_profile_image(sample, like).flux.sum(0), like.pixel_scale)
+        k0, k1 = self.size_map
+        dR = k1 * size[0] / max(R0, 1e-3) * size[1]         # d(R)/d(r_half) ~ r_half / R: seeing adds in quadrature
+        return k0 + k1 * R0, float(np.hypot(dR, self.size_scatter))
 
 
 def _catalog(sample, key: str) -> tuple[float, float] | None:
@@ -141,7 +151,7 @@ def refine_to_catalog(sample, images: Sequence[Image], cons: CatalogConsistency)
         phot = image_photometry(img)
         r_g = phot["r_half"]
         if size is not None and np.isfinite(r_g) and r_g > 0:
-            R, sigma_R = cons.stamp_radius(size[0], size[1], float(np.mean(img.psf_fwhm)))
+            R, sigma_R = cons.stamp_radius(sample, img)
             r_post = _combine(r_g, cons.tau_size * r_g, R, sigma_R)
             flux = stretch(flux, float(np.clip(r_post / r_g, *STRETCH_RANGE)))
         conv = ab_nanomaggies(img)                                            # flux units -> nanomaggies
@@ -167,12 +177,16 @@ def catalog_fluxes(bands: Sequence[str], keys: Sequence[str]) -> list:
     return [have.get(b.split(".")[-1]) for b in bands]
 
 
-def _weighted_lstsq(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    sw = np.sqrt(w)[:, None]
-    return np.linalg.lstsq(X * sw, y * sw[:, 0], rcond=None)[0]
+def median_regression(X: np.ndarray, y: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Coefficients b minimising sum |y - X b| (iteratively reweighted least squares)."""
+    b = np.linalg.lstsq(X, y, rcond=None)[0]
+    for _ in range(iterations):
+        w = 1.0 / np.maximum(np.abs(y - X @ b), 1e-6)
+        b = np.linalg.lstsq(X * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)[0]
+    return b
 
 
-def fit_maps(samples: Sequence, target: str) -> dict:
+def fit_maps(samples: Sequence, target: str, share_min_snr: float = SHARE_MIN_SNR) -> dict:
     """The aperture and size maps (and their scatters) from the objects' observed `target`
     stamps and catalog values; -> keyword arguments of CatalogConsistency (tau left out)."""
     rows = [s for s in samples if target in s.records and _catalog(s, SIZE_KEY) is not None]
@@ -187,52 +201,70 @@ def fit_maps(samples: Sequence, target: str) -> dict:
     F_obs = np.array([p["flux"] for p in phot])                              # (N, C) nanomaggies
     F_sig = np.array([p["flux_sigma"] for p in phot])
     r_cat = np.array([_catalog(s, SIZE_KEY)[0] for s in rows])
-    aperture, scatter = [], []
+    aperture, scatter, n_share = [], [], []
     for j, key in enumerate(fluxes):
         if key is None:
             aperture.append([1.0, 0.0, 0.0])
             scatter.append(0.0)
+            n_share.append(0)
             continue
         cat = np.array([_catalog(s, key) or (np.nan, np.nan) for s in rows])  # (N, 2)
-        ok = np.isfinite(cat).all(1) & np.isfinite(F_obs[:, j]) & (F_sig[:, j] > 0)
-        f, f_sig = cat[ok, 0], cat[ok, 1]
-        X = f[:, None] * np.stack([np.ones_like(f), r_cat[ok], r_cat[ok] ** 2], 1)
-        coef = _weighted_lstsq(X, F_obs[ok, j], 1.0 / (F_sig[ok, j] ** 2 + f_sig ** 2))
-        pred = X @ coef
-        bright = pred > 20 * F_sig[ok, j]
-        frac = (F_obs[ok, j] - pred)[bright] / pred[bright]
-        noise = np.hypot(F_sig[ok, j], f_sig)[bright] / pred[bright]
-        excess = _mad_sigma(frac) ** 2 - float(np.median(noise ** 2)) if bright.sum() >= 5 else 0.0
+        # bright in the catalog only (selected on the regressor, not on the stamp: no bias): the
+        # stamp's own noise is ~5x the catalog's, so S/N 100 there is ~20 in the stamp
+        ok = (np.isfinite(cat).all(1) & np.isfinite(F_obs[:, j]) & (F_sig[:, j] > 0)
+              & (cat[:, 0] > share_min_snr * cat[:, 1]))
+        n_share.append(int(ok.sum()))
+        if ok.sum() < 4:                           # too few to fit its share: the band is left as drawn
+            fluxes[j] = None
+            aperture.append([1.0, 0.0, 0.0])
+            scatter.append(0.0)
+            continue
+        # the share y = stamp / catalog flux, its median at each r_half: least absolute deviations
+        # (iteratively reweighted), each object alike, as the share's spread between objects (~5%:
+        # profiles and their wings beyond the stamp) exceeds these bright objects' noise, and its
+        # tail (large galaxies with extended wings) would pull a mean below most objects
+        y = F_obs[ok, j] / cat[ok, 0]
+        X = np.stack([np.ones_like(y), r_cat[ok], r_cat[ok] ** 2], 1)
+        coef = median_regression(X, y)
+        resid = y - X @ coef
+        noise = np.hypot(F_sig[ok, j] / cat[ok, 0], y * cat[ok, 1] / cat[ok, 0])
+        excess = _mad_sigma(resid / (X @ coef)) ** 2 - float(np.median((noise / (X @ coef)) ** 2))
         aperture.append([float(c) for c in coef])
         scatter.append(float(np.sqrt(max(excess, 0.0))))
+    if not any(fluxes):
+        raise ValueError(f"fit_catalog_consistency: no band of {target} has >= 4 objects at catalog S/N > "
+                         f"{share_min_snr:g} to fit its stamp share (per band: {n_share})")
     snr = F_obs.sum(1) / np.sqrt((F_sig ** 2).sum(1))
     r_obs = np.array([p["r_half"] for p in phot])
-    fwhm = np.array([float(np.mean(s.records[target].psf_fwhm)) for s in rows])
-    ok = (snr > SIZE_MAP_MIN_SNR) & np.isfinite(r_obs)
-    if ok.sum() < 4:                               # three coefficients, and one to spare
+    ok = (snr > MIN_SNR) & np.isfinite(r_obs)
+    if ok.sum() < 3:                               # two coefficients, and one to spare
         raise ValueError(f"fit_catalog_consistency: {int(ok.sum())} stamps of {target} have S/N > "
-                         f"{SIZE_MAP_MIN_SNR:g}; need >= 4 for the size map")
-    X = np.stack([np.ones(ok.sum()), r_cat[ok] ** 2, fwhm[ok] ** 2], 1)
-    c = np.linalg.lstsq(X, r_obs[ok] ** 2, rcond=None)[0]
-    R = np.sqrt(np.clip(X @ c, 1e-4, None))
+                         f"{MIN_SNR:g}; need >= 3 for the size map")
+    R0 = np.array([half_light_radius(catalog_profile_image(s, s.records[target]).flux.sum(0),
+                                     s.records[target].pixel_scale) for s, o in zip(rows, ok) if o])
+    X = np.stack([np.ones_like(R0), R0], 1)
+    k = median_regression(X, r_obs[ok])
     return dict(target=target, fluxes=fluxes, aperture=aperture, aperture_scatter=scatter,
-                size_map=[float(v) for v in c], size_scatter=_mad_sigma(r_obs[ok] - R),
-                fit=dict(n_objects=len(rows), n_size=int(ok.sum())))
+                size_map=[float(v) for v in k], size_scatter=_mad_sigma(r_obs[ok] - X @ k),
+                fit=dict(n_objects=len(rows), n_size=int(ok.sum()), n_share=n_share))
 
 
 def model_errors(samples: Sequence, images: Sequence[Image], maps: CatalogConsistency) -> tuple[float, float, dict]:
-    """The model's fractional flux and size errors against the maps' predictions, less what the
-    catalog's noise explains: (tau_flux, tau_size, raw figures)."""
-    dflux, nflux, dsize, nsize = [], [], [], []
+    """The model's fractional errors: flux against the stamp flux the catalog predicts (the
+    stamp's own noise is ~5x the catalog's), less what the catalog's noise explains; size
+    against the half-light radius measured on the object's observed stamp (S/N > 20: a
+    measurement good to ~0.02"). -> (tau_flux, tau_size, raw figures)."""
+    target = maps.target
+    dflux, nflux, dsize = [], [], []
     for s, img in zip(samples, images):
         size = _catalog(s, SIZE_KEY)
         if size is None:
             continue
         phot = image_photometry(img)
-        R, sR = maps.stamp_radius(size[0], size[1], float(np.mean(img.psf_fwhm)))
-        if np.isfinite(phot["r_half"]):
-            dsize.append(phot["r_half"] / R - 1)
-            nsize.append(sR / R)
+        obs = image_photometry(s.records[target]) if target in s.records else None
+        if obs is not None and np.isfinite(phot["r_half"]) and np.isfinite(obs["r_half"]) and \
+                obs["flux"].sum() > MIN_SNR * np.sqrt((obs["flux_sigma"] ** 2).sum()):
+            dsize.append(phot["r_half"] / obs["r_half"] - 1)
         for j, key in enumerate(maps.fluxes):
             cat = _catalog(s, key) if key else None
             if cat is None:
@@ -241,20 +273,22 @@ def model_errors(samples: Sequence, images: Sequence[Image], maps: CatalogConsis
             if pred > 10 * sp:                     # where the catalog pins the flux
                 dflux.append(phot["flux"][j] / pred - 1)
                 nflux.append(sp / pred)
+
     def tau(d, n):
         if len(d) < 5:
             return 0.3, float("nan")
         raw = _mad_sigma(d)
         return float(max(np.sqrt(max(raw ** 2 - np.median(np.square(n)), 0.0)), TAU_FLOOR)), raw
-    (tf, rf), (ts, rs) = tau(dflux, nflux), tau(dsize, nsize)
-    return tf, ts, dict(n_flux=len(dflux), n_size=len(dsize), flux_spread=rf, size_spread=rs)
+    (tf, rf), (ts, rs) = tau(dflux, nflux), tau(dsize, [0.0])
+    return tf, ts, dict(model_n_flux=len(dflux), model_n_size=len(dsize), model_flux_spread=rf, model_size_spread=rs)
 
 
 def fit_catalog_consistency(pipe, samples: Sequence, target: str = "image.des", given: Sequence[str] | None = None,
-                            n_model: int = 48, seed: int = 0, **schedule) -> CatalogConsistency:
+                            n_model: int = 48, seed: int = 0, share_min_snr: float = SHARE_MIN_SNR,
+                            **schedule) -> CatalogConsistency:
     """Maps from the training `samples`' observations, then tau from the model's images of the
     first `n_model` of them given `given` (default: redshift, the matched fluxes, r_half)."""
-    maps = CatalogConsistency(**fit_maps(samples, target), tau_flux=0.3, tau_size=0.3)
+    maps = CatalogConsistency(**fit_maps(samples, target, share_min_snr), tau_flux=0.3, tau_size=0.3)
     if given is None:
         given = ["scalar.redshift", *[k for k in maps.fluxes if k], SIZE_KEY]
     rows = [s for s in samples if _catalog(s, SIZE_KEY) is not None and target in s.records][:n_model]

@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         if task == "report":
             q.add_argument("--train-data", default=None, help="raw training shards, for baselines fitted on training data")
             q.add_argument("--n-eval", type=int, default=64, help="held-out objects per generation task")
+            q.add_argument("--catalog-share-snr", type=float, default=100.0,
+                           help="catalog S/N above which training objects set the catalog consistency's "
+                                "stamp-flux shares (generate.catalog_consistency)")
             q.add_argument("--n-redshift", type=int, default=REDSHIFT_OBJECTS,
                            help="held-out objects the redshift posterior is scored on; up to as many after them "
                                 "calibrate it")
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "run, or a raw shards folder of training objects to fit it on (written to "
                                 "OUT/catalog_consistency.json)")
             q.add_argument("--catalog-n", type=int, default=2000, help="training objects to fit the maps on")
+            q.add_argument("--catalog-share-snr", type=float, default=100.0,
+                           help="catalog S/N above which training objects set the stamp-flux shares")
     return p
 
 
@@ -253,7 +258,7 @@ def load_catalog_consistency(pipe, args, target: str):
     from .catalog_consistency import SIZE_KEY, CatalogConsistency, fit_catalog_consistency
     fit = lambda path: fit_catalog_consistency(                                  # noqa: E731
         pipe, load_samples(str(path), args.catalog_n, need=[target, SIZE_KEY]), target, given=args.given,
-        seed=args.seed, **schedule_args(args))
+        seed=args.seed, share_min_snr=args.catalog_share_snr, **schedule_args(args))
     cons = load_or_fit("--catalog-consistency", args.catalog_consistency, "catalog_consistency.json",
                        CatalogConsistency.from_json, fit, args.out)
     if cons.target != target:

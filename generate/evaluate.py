@@ -15,7 +15,8 @@ without the model. Used by `omnisky-generate report` (markdown) and `bench/eval.
 - conditional generation (image.des | redshift, DES-like fluxes, r_half): total fluxes
   measured on the generated image against the given fluxes in units of their noise, and
   the half-light radius measured on it against the one measured on the noiseless truth
-  in units of that measurement's noise (its scatter on the real observations); the real
+  in units of that measurement's noise (its scatter on the real observations) and, as the
+  fluxes, in units of the given value's noise (`*_size_abs_pull_given_median`); the real
   observation's, the tokenizer round trip's and the noiseless truth's own figures beside as
   references (the truth's stamp misses the light beyond it), and with `catalog` the same
   images pulled to the catalog values (`generate.catalog_consistency`); reduced chi-square
@@ -198,15 +199,20 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
 
 
 def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, target: str = "image.des",
-                         given=("scalar.redshift", *FLUXES, "scalar.r_half"), catalog=None, **schedule) -> dict:
+                         given=("scalar.redshift", *FLUXES, "scalar.r_half"), catalog=None, n_samples: int = 8,
+                         **schedule) -> dict:
     """Images of `target` generated from catalog values, measured as an astronomer would
     (generate.measure): stamp flux pulls against the given fluxes, half-light radius against
     the noiseless truth's, beside the real observation, the image tokenizer's round trip and the
     noiseless truth itself (its stamp misses the light beyond it: the floor of the flux pulls).
-    `catalog` (generate.catalog_consistency): the same images pulled to the catalog values too
-    (`*_catalog`). Reduced chi2 of each against the truth."""
+    One sample (no prefix) and the mean of `n_samples` (`mean_*`, the posterior-mean image, as
+    the baseline's round profile is an expectation); with `catalog` (generate.catalog_consistency)
+    both pulled to the catalog values too (`catalog_*`, `catalog_mean_*`). Reduced chi2 of each
+    against the truth."""
     given = list(given)
-    gen = [g[0] for g in pipe.sample(test, given, target, seed=seed, **schedule)]
+    draws = pipe.sample(test, given, target, seed=seed, n_samples=n_samples, **schedule)
+    gen = [g[0] for g in draws]
+    mean = [dataclasses.replace(g[0], flux=np.mean([x.flux for x in g], 0)) for g in draws]
     flux_in = np.array([[s.records[k].value for k in FLUXES] for s in test])          # (N, 4)
     sigma_in = np.array([[s.records[k].uncertainty for k in FLUXES] for s in test])
     observed = [s.records[target] for s in test]
@@ -215,13 +221,16 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
     roundtrip = tok.decode(tok.encode(observed), like=observed)   # what the tokens can carry at best
     images = dict(gen=gen, obs=observed, rt=roundtrip, truth=truths,
                   base=[catalog_profile_image(s, o) for s, o in zip(test, observed)])
+    images["mean"] = mean
     if catalog is not None:
         images["cat"] = [refine_to_catalog(s, [g], catalog)[0] for s, g in zip(test, gen)]
+        images["cat_mean"] = [refine_to_catalog(s, [g], catalog)[0] for s, g in zip(test, mean)]
     phot = {k: [image_photometry(im) for im in v] for k, v in images.items()}
     pulls = {k: (np.array([p["flux"] for p in v]) - flux_in) / sigma_in for k, v in phot.items()}   # (N, 4) each
     r_true = np.array([p["r_half"] for p in phot["truth"]])
     d = {k: np.array([p["r_half"] for p in v]) - r_true for k, v in phot.items()}
     size_sigma = 1.4826 * _median(np.abs(d["obs"] - _median(d["obs"])))              # measurement noise (arcsec)
+    size_given_sigma = np.array([s.records["scalar.r_half"].uncertainty for s in test])  # the given value's noise
     chi2 = {k: _median([reduced_chi2(im.flux, t.flux, o.ivar, o.mask) for im, t, o in zip(images[k], truths, observed)])
             for k in images if k not in ("obs", "truth")}
     if figdir is not None:
@@ -232,8 +241,9 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
                 image_figure(figdir / f"sample_catalog_{i}.png", None, [images["cat"][i]], truths[i],
                              title=title + ", pulled to the catalog")
     bands = [k.split("_")[-1] for k in FLUXES]
-    prefix = dict(gen="", obs="observed_", rt="roundtrip_", truth="truth_", cat="catalog_", base="baseline_")
-    out = dict(n=len(test), given=given, target=target, size_measurement_sigma_arcsec=size_sigma,
+    prefix = dict(gen="", obs="observed_", rt="roundtrip_", truth="truth_", cat="catalog_", base="baseline_",
+                  mean="mean_", cat_mean="catalog_mean_")
+    out = dict(n=len(test), given=given, target=target, n_samples=n_samples, size_measurement_sigma_arcsec=size_sigma,
                size_bias_arcsec=_median(d["gen"]))
     for k, pre in prefix.items():
         if k not in images:
@@ -242,6 +252,7 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
         out[f"{pre}flux_pull_median"] = {b: _median(pulls[k][:, j]) for j, b in enumerate(bands)}
         if k != "truth":
             out[f"{pre}size_abs_pull_median"] = _median(np.abs(d[k]) / size_sigma)
+            out[f"{pre}size_abs_pull_given_median"] = _median(np.abs(d[k]) / size_given_sigma)
         if k in chi2:
             out[f"{pre}chi2_vs_truth"] = chi2[k]
     if catalog is not None:

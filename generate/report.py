@@ -27,7 +27,8 @@ def write_report(pipe, args) -> dict:
     train = load_samples(args.train_data, 300, train_need) if args.train_data else []
     cond_need = ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES
     z_need = ["image.des", "scalar.redshift"] + FLUXES
-    catalog = (fit_catalog_consistency(pipe, load_samples(args.train_data, 2000, cond_need), "image.des", seed=args.seed)
+    catalog = (fit_catalog_consistency(pipe, load_samples(args.train_data, 2000, cond_need), "image.des",
+                                       seed=args.seed, share_min_snr=args.catalog_share_snr)
                if args.train_data else None)
     results = dict(
         translation=evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train, figdir, args.seed),
@@ -121,7 +122,7 @@ def render_markdown(r: dict) -> str:
         *([f"Catalog consistency (`generate.catalog_consistency`): each image's half-light radius, then each band's "
            f"stamp flux, is the posterior mean of the image's own (prior width {_fmt(c['catalog_consistency']['tau_size'])} "
            f"and {_fmt(c['catalog_consistency']['tau_flux'])} of it: the model's errors on "
-           f"{c['catalog_consistency']['fit'].get('n_flux', 0) // 4} training objects) and the catalog's value mapped to "
+           f"{c['catalog_consistency']['fit'].get('model_n_size', 0)} training objects) and the catalog's value mapped to "
            f"what a stamp shows (maps fitted on {c['catalog_consistency']['fit']['n_objects']} training observations); "
            "the image is stretched and scaled to it.", ""] if c.get("catalog_consistency") else []),
         *[f"![sample {i}](figures/sample_{i}.png)" for i in range(3)], "",

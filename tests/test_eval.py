@@ -187,7 +187,8 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
         sys.path.pop(0)
     res = bench_eval.main(["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"),
                            "--data", str(sky_shards), "--train-data", str(sky_shards), "--n", "4",
-                           "--n-train", "12", "--steps", "2", "--sdss", "none", "--n-redshift", "6"])
+                           "--n-train", "12", "--steps", "2", "--sdss", "none", "--n-redshift", "6",
+                           "--catalog-share-snr", "10"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line)["bench"] == "eval"
     for key in ("translation", "translation_back", "superres", "conditional", "redshift", "budget"):

@@ -256,7 +256,8 @@ def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sk
     common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
               "--n", "2", "--steps", "2", "--format", "npz", "--given", *given, "--target", "image.des"]
     _run("sample", *common, "--out", str(tiny_models / "cc_plain"))
-    _run("sample", *common, "--catalog-consistency", str(sky_shards), "--out", str(tiny_models / "cc"))
+    _run("sample", *common, "--catalog-consistency", str(sky_shards), "--catalog-share-snr", "10",
+         "--out", str(tiny_models / "cc"))
     cons = json.loads((tiny_models / "cc" / "catalog_consistency.json").read_text())
     assert cons["target"] == "image.des" and cons["fit"]["n_objects"] >= 10 and cons["tau_flux"] >= 0.02
     _run("sample", *common, "--catalog-consistency", str(tiny_models / "cc" / "catalog_consistency.json"),
@@ -267,7 +268,7 @@ def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sk
     assert not np.allclose(load("cc"), load("cc_plain"))
     with pytest.raises(SystemExit, match="one target image"):
         _run("sample", *common[:-1], "scalar.redshift", "--catalog-consistency", str(sky_shards),
-             "--out", str(tiny_models / "cc_x"))
+             "--catalog-share-snr", "10", "--out", str(tiny_models / "cc_x"))
     sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
     objs = load_samples(str(sky_shards), 2, need=["image.des", "scalar.r_half"])
     cc = CatalogConsistency.from_json(cons)
@@ -336,7 +337,7 @@ def test_pipeline_translates_back_and_chains_with_several_samples(tiny_models, s
 
 def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     _run("report", "--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
-         "--train-data", str(sky_shards), "--n-eval", "4", "--out", str(tiny_models / "report"))
+         "--train-data", str(sky_shards), "--n-eval", "4", "--catalog-share-snr", "10", "--out", str(tiny_models / "report"))
     report = (tiny_models / "report" / "report.md").read_text()
     assert "Survey translation" in report and "figures/translate_0.png" in report
     figures = json.loads((tiny_models / "report" / "report.json").read_text())

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import torch
-
 from .export import zero_stage
 
 
@@ -37,6 +35,8 @@ def model_init_context(accelerator):
         return contextlib.nullcontext()
     import deepspeed
     config = _without_auto(copy.deepcopy(plugin.deepspeed_config))
-    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else (
-        torch.float16 if config.get("fp16", {}).get("enabled") else torch.float32)
-    return deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype)
+    # No `dtype`: the config's bf16 / fp16 sections set it (fp32 without them). DeepSpeed 0.18-0.19
+    # reads an explicit dtype as `dtype or fp16 if the accelerator has fp16 else bf16 ...`, so on a
+    # CPU without mkldnn fp16 (AMD EPYC, AVX-512 without AMX-FP16) any dtype turned into bf16:
+    # fp32 weights built in bf16, a run that no longer matched its 1-process twin or its export.
+    return deepspeed.zero.Init(config_dict_or_path=config)

@@ -28,7 +28,7 @@ A bright object's catalog values win, a faint one's barely move the sample; the 
     cons = fit_catalog_consistency(pipe, train_samples, "image.des")   # maps from the training
                                                                       # observations; tau from
                                                                       # the model's samples there
-    refined = refine_to_catalog(sample, images, cons)                 # one object's samples
+    refined = refine_to_catalog(sample, images, cons, given)          # one object's samples
     pipe.sample(objects, given, "image.des", catalog=cons)            # the same, in the pipeline
 
 `fit_catalog_consistency` fits the two maps on the training objects' observed stamps
@@ -77,6 +77,8 @@ class CatalogConsistency:
     fluxes: list
     aperture: list
     aperture_scatter: list
+    share: list                      # per band (median, spread) of the stamp share over all sizes: used
+                                     # where r_half is not given
     size_map: list
     size_scatter: float              # arcsec, scatter of the stamp radius about the map
     tau_flux: float                  # the model's fractional flux error (prior width)
@@ -94,12 +96,15 @@ class CatalogConsistency:
             raise ValueError(f"CatalogConsistency: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
-    def stamp_flux(self, j: int, flux: float, sigma: float, r_half: float) -> tuple[float, float]:
+    def stamp_flux(self, j: int, flux: float, sigma: float, r_half: float | None) -> tuple[float, float]:
         """Band j's catalog total flux (nanomaggies) and sigma -> the stamp flux it predicts, and
-        that prediction's sigma."""
-        a = float(np.polyval(self.aperture[j][::-1], r_half))
+        that prediction's sigma; without r_half the share's median and spread over all sizes."""
+        if r_half is None:
+            a, spread = self.share[j]
+        else:
+            a, spread = float(np.polyval(self.aperture[j][::-1], r_half)), self.aperture_scatter[j]
         pred = a * flux
-        return pred, float(np.hypot(a * sigma, self.aperture_scatter[j] * pred))
+        return pred, float(np.hypot(a * sigma, spread * pred))
 
     def stamp_radius(self, sample, like: Image) -> tuple[float, float] | None:
         """The half-light radius (arcsec) a stamp like `like` shows of the object, from its catalog
@@ -141,9 +146,14 @@ def stretch(flux: np.ndarray, factor: float) -> np.ndarray:
     return (out / factor ** 2).numpy().astype(flux.dtype)
 
 
-def refine_to_catalog(sample, images: Sequence[Image], cons: CatalogConsistency) -> list[Image]:
+def refine_to_catalog(sample, images: Sequence[Image], cons: CatalogConsistency,
+                      given: Sequence[str] | None = None) -> list[Image]:
     """One object's generated images of `cons.target` -> as many, pulled to the object's
-    catalog values (those it has; a missing or non-finite value leaves that step out)."""
+    catalog values: those of `given` (default: all it has) that it has; a missing or
+    non-finite value leaves its step out (without r_half the stamp share is its median over
+    all sizes, its spread the measurement's)."""
+    if given is not None:
+        sample = dataclasses.replace(sample, records={k: v for k, v in sample.records.items() if k in set(given)})
     out = []
     size = _catalog(sample, SIZE_KEY)
     for img in images:
@@ -158,7 +168,7 @@ def refine_to_catalog(sample, images: Sequence[Image], cons: CatalogConsistency)
         r_cat = size[0] if size is not None else None
         for j, key in enumerate(cons.fluxes):
             cat = _catalog(sample, key) if key else None
-            if cat is None or r_cat is None:
+            if cat is None:
                 continue
             F_g = float(flux[j].sum()) * conv                                    # nanomaggies
             pred, sigma = cons.stamp_flux(j, cat[0], cat[1], r_cat)
@@ -201,12 +211,13 @@ def fit_maps(samples: Sequence, target: str, share_min_snr: float = SHARE_MIN_SN
     F_obs = np.array([p["flux"] for p in phot])                              # (N, C) nanomaggies
     F_sig = np.array([p["flux_sigma"] for p in phot])
     r_cat = np.array([_catalog(s, SIZE_KEY)[0] for s in rows])
-    aperture, scatter, n_share = [], [], []
+    aperture, scatter, n_share, share = [], [], [], []
     for j, key in enumerate(fluxes):
         if key is None:
             aperture.append([1.0, 0.0, 0.0])
             scatter.append(0.0)
             n_share.append(0)
+            share.append([1.0, 0.0])
             continue
         cat = np.array([_catalog(s, key) or (np.nan, np.nan) for s in rows])  # (N, 2)
         # bright in the catalog only (selected on the regressor, not on the stamp: no bias): the
@@ -218,6 +229,7 @@ def fit_maps(samples: Sequence, target: str, share_min_snr: float = SHARE_MIN_SN
             fluxes[j] = None
             aperture.append([1.0, 0.0, 0.0])
             scatter.append(0.0)
+            share.append([1.0, 0.0])
             continue
         # the share y = stamp / catalog flux, its median at each r_half: least absolute deviations
         # (iteratively reweighted), each object alike, as the share's spread between objects (~5%:
@@ -231,6 +243,7 @@ def fit_maps(samples: Sequence, target: str, share_min_snr: float = SHARE_MIN_SN
         excess = _mad_sigma(resid / (X @ coef)) ** 2 - float(np.median((noise / (X @ coef)) ** 2))
         aperture.append([float(c) for c in coef])
         scatter.append(float(np.sqrt(max(excess, 0.0))))
+        share.append([float(np.median(y)), _mad_sigma(y / np.median(y))])
     if not any(fluxes):
         raise ValueError(f"fit_catalog_consistency: no band of {target} has >= 4 objects at catalog S/N > "
                          f"{share_min_snr:g} to fit its stamp share (per band: {n_share})")
@@ -244,7 +257,7 @@ def fit_maps(samples: Sequence, target: str, share_min_snr: float = SHARE_MIN_SN
                                      s.records[target].pixel_scale) for s, o in zip(rows, ok) if o])
     X = np.stack([np.ones_like(R0), R0], 1)
     k = median_regression(X, r_obs[ok])
-    return dict(target=target, fluxes=fluxes, aperture=aperture, aperture_scatter=scatter,
+    return dict(target=target, fluxes=fluxes, aperture=aperture, aperture_scatter=scatter, share=share,
                 size_map=[float(v) for v in k], size_scatter=_mad_sigma(r_obs[ok] - X @ k),
                 fit=dict(n_objects=len(rows), n_size=int(ok.sum()), n_share=n_share))
 

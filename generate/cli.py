@@ -105,7 +105,7 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
         from .catalog_consistency import refine_to_catalog
         cons = load_catalog_consistency(pipe, args, targets[0])
         for s, draws in zip(samples, chain):
-            refined = refine_to_catalog(s, [d[targets[0]] for d in draws], cons)
+            refined = refine_to_catalog(s, [d[targets[0]] for d in draws], cons, given)
             for d, r in zip(draws, refined):
                 d[targets[0]] = r
     (out / "schedule.json").write_text(json.dumps(schedule_to_json(schedule), indent=1))

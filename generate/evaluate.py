@@ -223,8 +223,8 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
                   base=[catalog_profile_image(s, o) for s, o in zip(test, observed)])
     images["mean"] = mean
     if catalog is not None:
-        images["cat"] = [refine_to_catalog(s, [g], catalog)[0] for s, g in zip(test, gen)]
-        images["cat_mean"] = [refine_to_catalog(s, [g], catalog)[0] for s, g in zip(test, mean)]
+        images["cat"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, gen)]
+        images["cat_mean"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, mean)]
     phot = {k: [image_photometry(im) for im in v] for k, v in images.items()}
     pulls = {k: (np.array([p["flux"] for p in v]) - flux_in) / sigma_in for k, v in phot.items()}   # (N, 4) each
     r_true = np.array([p["r_half"] for p in phot["truth"]])

@@ -133,14 +133,14 @@ class Pipeline:
         """Records of `target` given `given`: a list over objects of `n_samples` records.
         `schedule`: TargetSchedule settings (scheme, steps, temperature, guidance, ...).
         `catalog` (generate.catalog_consistency.fit_catalog_consistency): each image then pulled
-        to the object's catalog fluxes and half-light radius."""
+        to the object's given catalog fluxes and half-light radius."""
         chain = self.sample_chain(samples, given, self.schedule(target, **schedule), {target: like}, n_samples, seed)
         gen = [[d[target] for d in draws] for draws in chain]
         if catalog is None:
             return gen
         if catalog.target != target:
             raise ValueError(f"catalog consistency fitted for {catalog.target}, not {target}")
-        return [refine_to_catalog(s, g, catalog) for s, g in zip(samples, gen)]
+        return [refine_to_catalog(s, g, catalog, given) for s, g in zip(samples, gen)]
 
     def translate(self, samples, source: str = "image.des", target: str = "image.hsc",
                   consistency: Consistency | None = None, **kw):

@@ -116,9 +116,16 @@ def render_markdown(r: dict) -> str:
           for b, v in c["flux_abs_pull_median"].items()],
         f"| half-light radius | {_fmt(c['size_abs_pull_median'])} | {_fmt(c.get('catalog_size_abs_pull_median', float('nan')))} | "
         f"{_fmt(c['baseline_size_abs_pull_median'])} | {_fmt(c['observed_size_abs_pull_median'])} | {_fmt(c.get('roundtrip_size_abs_pull_median', float('nan')))} | 0 |",
+        f"| half-light radius, in units of the given r_half's noise | {_fmt(c.get('size_abs_pull_given_median'))} | "
+        f"{_fmt(c.get('catalog_size_abs_pull_given_median', float('nan')))} | "
+        f"{_fmt(c.get('baseline_size_abs_pull_given_median'))} | {_fmt(c.get('observed_size_abs_pull_given_median'))} | "
+        f"{_fmt(c.get('roundtrip_size_abs_pull_given_median'))} | 0 |",
         f"| reduced chi2 vs truth | {_fmt(c.get('chi2_vs_truth', float('nan')))} | "
         f"{_fmt(c.get('catalog_chi2_vs_truth', float('nan')))} | {_fmt(c['baseline_chi2_vs_truth'])} | | "
         f"{_fmt(c.get('roundtrip_chi2_vs_truth', float('nan')))} | |", "",
+        *([f"The mean of {c['n_samples']} samples (the posterior-mean image): reduced chi2 vs truth "
+           f"{_fmt(c['mean_chi2_vs_truth'])}, pulled to the catalog {_fmt(c.get('catalog_mean_chi2_vs_truth', float('nan')))}.",
+           ""] if "mean_chi2_vs_truth" in c else []),
         *([f"Catalog consistency (`generate.catalog_consistency`): each image's half-light radius, then each band's "
            f"stamp flux, is the posterior mean of the image's own (prior width {_fmt(c['catalog_consistency']['tau_size'])} "
            f"and {_fmt(c['catalog_consistency']['tau_flux'])} of it: the model's errors on "

@@ -44,7 +44,7 @@ def catalog_sample(fluxes, sigmas, r_half, r_sigma, image=None) -> Sample:
 def identity_consistency(tau: float = 0.3) -> CatalogConsistency:
     """The stamp holds the whole catalog flux, and shows the catalog disk's half-light radius."""
     return CatalogConsistency("image.des", [f"scalar.flux_{b}" for b in BANDS], [[1.0, 0.0, 0.0]] * 4, [0.0] * 4,
-                              [0.0, 1.0], 0.0, tau, tau)
+                              [[1.0, 0.0]] * 4, [0.0, 1.0], 0.0, tau, tau)
 
 
 def test_stretch_scales_the_half_light_radius_and_keeps_the_light():
@@ -80,15 +80,22 @@ def test_refine_pulls_a_precise_catalog_all_the_way_and_a_noisy_one_barely():
 
 def test_refine_leaves_what_the_catalog_lacks():
     sample_img = des_image(blob(0.7, [1.0, 2.0, 3.0, 4.0]))
-    no_size = catalog_sample([5, 5, 5, 5], [1e-3] * 4, 1.0, 1e-3)
-    del no_size.records["scalar.r_half"]
-    (out,) = refine_to_catalog(no_size, [sample_img], identity_consistency())
+    no_catalog = catalog_sample([5, 5, 5, 5], [1e-3] * 4, 1.0, 1e-3)
+    no_catalog.records = {"scalar.redshift": Scalar("redshift", 0.3)}
+    (out,) = refine_to_catalog(no_catalog, [sample_img], identity_consistency())
     assert np.array_equal(out.flux, sample_img.flux)
     only_g = identity_consistency()
     only_g.fluxes = ["scalar.flux_g", None, None, None]
     (out,) = refine_to_catalog(catalog_sample([5, 5, 5, 5], [1e-3] * 4, 0.7, 10.0), [sample_img], only_g)
     phot = image_photometry(out)
     assert abs(phot["flux"][0] - 5) < 0.05 and np.allclose(phot["flux"][1:], [2, 3, 4], rtol=0.02)
+    # only what was given: without r_half given the size stays and the fluxes take the share's
+    # median over all sizes (here 1)
+    given = ["scalar.redshift", *[f"scalar.flux_{b}" for b in BANDS]]
+    (out,) = refine_to_catalog(catalog_sample([5, 5, 5, 5], [1e-3] * 4, 1.5, 1e-3), [sample_img],
+                               identity_consistency(), given)
+    phot, phot0 = image_photometry(out), image_photometry(sample_img)
+    assert np.allclose(phot["flux"], 5, rtol=0.01) and abs(phot["r_half"] - phot0["r_half"]) < 0.01
 
 
 def test_catalog_fluxes_match_bands_by_name():
@@ -156,6 +163,7 @@ def test_fit_maps_errors_name_what_is_missing():
         s.records["scalar.flux_g"] = Scalar("flux_g", s.records["scalar.flux_g"].value, 1.0e3)
     maps = fit_maps(train, "image.des")
     assert maps["fluxes"][0] is None and maps["fit"]["n_share"] == [0, 20, 20, 20]
+    assert maps["share"][0] == [1.0, 0.0] and all(0.75 < m < 0.95 and 0 < d < 0.2 for m, d in maps["share"][1:])
 
 
 def test_json_round_trip_and_unknown_keys():

@@ -274,7 +274,7 @@ def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sk
     cc = CatalogConsistency.from_json(cons)
     plain = sky.sample(objs, given, "image.des", steps=2, seed=3)
     pulled = sky.sample(objs, given, "image.des", steps=2, seed=3, catalog=cc)
-    np.testing.assert_allclose(pulled[1][0].flux, refine_to_catalog(objs[1], plain[1], cc)[0].flux, rtol=1e-6)
+    np.testing.assert_allclose(pulled[1][0].flux, refine_to_catalog(objs[1], plain[1], cc, given)[0].flux, rtol=1e-6)
     with pytest.raises(ValueError, match="fitted for image.des, not image.hsc"):
         sky.sample(objs, given, "image.hsc", steps=2, catalog=cc)
 

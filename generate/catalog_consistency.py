@@ -253,9 +253,11 @@ def fit_maps(samples: Sequence, target: str, share_min_snr: float = SHARE_MIN_SN
     if ok.sum() < 3:                               # two coefficients, and one to spare
         raise ValueError(f"fit_catalog_consistency: {int(ok.sum())} stamps of {target} have S/N > "
                          f"{MIN_SNR:g}; need >= 3 for the size map")
-    R0 = np.array([half_light_radius(catalog_profile_image(s, s.records[target]).flux.sum(0),
-                                     s.records[target].pixel_scale) for s, o in zip(rows, ok) if o])
-    X = np.stack([np.ones_like(R0), R0], 1)
+    R0 = np.full(len(rows), np.nan)
+    R0[ok] = [half_light_radius(catalog_profile_image(s, s.records[target]).flux.sum(0), s.records[target].pixel_scale)
+              for s, o in zip(rows, ok) if o]
+    ok &= np.isfinite(R0)                         # a disk of no positive light (noisy, faint catalog fluxes)
+    X = np.stack([np.ones(ok.sum()), R0[ok]], 1)
     k = median_regression(X, r_obs[ok])
     return dict(target=target, fluxes=fluxes, aperture=aperture, aperture_scatter=scatter, share=share,
                 size_map=[float(v) for v in k], size_scatter=_mad_sigma(r_obs[ok] - X @ k),

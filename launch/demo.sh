@@ -46,6 +46,9 @@ omnisky-generate translate "${GEN[@]}" --n 4 --samples 8 --consistency "$OUT/raw
 omnisky-generate superres "${GEN[@]}" --n 4 --out "$OUT/superres"
 omnisky-generate sample "${GEN[@]}" --n 4 --given scalar.redshift scalar.flux_g scalar.flux_r scalar.flux_i scalar.flux_z \
   --target image.hsc --out "$OUT/sample"
+omnisky-generate sample "${GEN[@]}" --n 4 --given scalar.redshift scalar.flux_g scalar.flux_r scalar.flux_i scalar.flux_z \
+  --target image.hsc --catalog-consistency "$OUT/raw/train" \
+  --out "$OUT/sample_catalog"   # pulled to the given fluxes (generate/catalog_consistency.py)
 
 stage "6/6 evaluate on held-out objects and write the report"
 omnisky-generate report "${GEN[@]}" --train-data "$OUT/raw/train" --n-eval 64 --out "$OUT"

@@ -127,6 +127,10 @@ def synthetic_training_set(n: int = 60, seed: int = 0):
 
 def test_fit_maps_recovers_the_stamp_share_and_the_size_map():
     train = synthetic_training_set()
+    odd = synthetic_training_set(1, seed=9)[0]                 # a bright stamp whose catalog says no light:
+    for b in BANDS:                                            # its disk has no half-light radius
+        odd.records[f"scalar.flux_{b}"] = Scalar(f"flux_{b}", -1.0, 1.0)
+    train = train + [odd]
     maps = CatalogConsistency(**fit_maps(train, "image.des"), tau_flux=0.3, tau_size=0.3)
     for j in range(4):
         for r in (0.3, 1.0, 1.4):
@@ -136,7 +140,8 @@ def test_fit_maps_recovers_the_stamp_share_and_the_size_map():
     for s in train[:10]:
         R, _ = maps.stamp_radius(s, s.records["image.des"])
         assert abs(R - image_photometry(s.records["image.des"])["r_half"]) < 0.1, (R, maps.size_map)
-    assert abs(maps.size_map[1] - 0.9) < 0.15 and maps.fit["n_objects"] == 60
+    assert abs(maps.size_map[1] - 0.9) < 0.15 and maps.fit["n_objects"] == 61 and maps.fit["n_size"] == 60
+    train = train[:60]
     # the model's error: images 20% too bright everywhere -> tau_flux ~ 0 (a bias, no spread) at the floor;
     # scattered by 10% -> ~0.1
     rng = np.random.default_rng(1)

@@ -27,7 +27,9 @@ spectrum.desi, real spectrum.desi):
   per data set as those best for PCA on that very data, and named: the baseline is
   given every advantage. Best and `beats_pca` compare chi2_truth on simulated data
   (a reconstruction that copies the noise gains nothing) and chi2_input on real data.
-- codes: fraction of the vocabulary used and perplexity on all held-out tokens.
+- codes: fraction of the vocabulary used and perplexity on all held-out tokens;
+  codes_train the same over every training token, with `dead_codes` the fraction of the
+  vocabulary that no training token takes.
 Scalars: median |decoded - input| over the input uncertainty and over the bin width,
 beside a uniform quantiser with the same bits (best of linear and asinh space).
 Throughput: objects/s of encode and decode at the `base` configs (random weights,
@@ -85,6 +87,13 @@ def code_use(ids: np.ndarray, vocab: int) -> dict:
     return {"codes_used": round(float((counts > 0).mean()), 4),
             "perplexity": round(float(np.exp(-(p * np.log(p)).sum())), 1),
             "n_tokens_seen": int(counts.sum())}
+
+
+def training_code_use(ids: np.ndarray, vocab: int) -> dict:
+    """code_use over every token of the training set, and the dead codes: the fraction of the
+    vocabulary no training token takes (what the quantizer never learned to emit)."""
+    use = code_use(ids, vocab)
+    return {**use, "dead_codes": round(1 - use["codes_used"], 4)}
 
 
 def med(x) -> float:
@@ -197,6 +206,9 @@ def bench_images(tok, train_samples, sim_samples, real: dict[str, list[Image]]) 
         row["codes"] = code_use(ids, tok.vocab_size)
         out[name] = row
     out["codes"] = code_use(np.concatenate(all_ids), tok.vocab_size)
+    recs = [r for k in keys for r in train[k]]
+    out["codes_train"] = training_code_use(
+        np.concatenate([tok.encode(recs[i:i + 32]).numpy() for i in range(0, len(recs), 32)]), tok.vocab_size)
     return out
 
 
@@ -269,6 +281,9 @@ def bench_spectra(tok, train_samples, sim_samples, real: list[Spectrum]) -> dict
         row["codes"] = code_use(ids[:, 1:1 + tok.n_shape_tokens], tok.vocab_size)
         out[name] = row
     out["codes"] = code_use(np.concatenate(all_ids), tok.vocab_size)
+    recs = [s.records[k] for k in keys for s in train_samples if k in s.records]
+    ids = np.concatenate([tok.encode(recs[i:i + 16]).numpy() for i in range(0, len(recs), 16)])
+    out["codes_train"] = training_code_use(ids[:, 1:1 + tok.n_shape_tokens], tok.vocab_size)
     return out
 
 

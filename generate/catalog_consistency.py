@@ -31,12 +31,15 @@ A bright object's catalog values win, a faint one's barely move the sample; the 
     refined = refine_to_catalog(sample, images, cons, given)          # one object's samples
     pipe.sample(objects, given, "image.des", catalog=cons)            # the same, in the pipeline
 
-`fit_catalog_consistency` fits the two maps on the training objects' observed stamps
-(weighted least squares; objects whose stamp S/N is below 20 do not set the size map), then
-draws the model's images for `n_model` of them and sets tau_flux to the robust spread of
-their fractional flux errors against the map, less what the catalog's own noise explains,
-and tau_size to that of their half-light radii against the observed stamps' (both floored
-at 2%).
+`fit_catalog_consistency` fits the two maps on the training objects' observed stamps by
+median regression, each object alike (the stamp share at catalog S/N > 100 in that band:
+a noisy catalog flux as the regressor would bias it low; a band with fewer than 4 such
+objects is left as the model drew it, `fit["n_share"]` counts them; the size map on stamps
+of S/N > 20), then draws the model's images for `n_model` of them and sets tau_flux to the
+robust spread of their fractional flux errors against the map, less what the catalog's own
+noise explains, and tau_size to that of their half-light radii against the observed
+stamps' (both floored at 2%). Where r_half is not given, the flux step takes the share's
+median over all sizes, its spread the measurement's.
 """
 from __future__ import annotations
 
@@ -171,9 +174,9 @@ def refine_to_catalog(sample, images: Sequence[Image], cons: CatalogConsistency,
             if cat is None:
                 continue
             F_g = float(flux[j].sum()) * conv                                    # nanomaggies
-            pred, sigma = cons.stamp_flux(j, cat[0], cat[1], r_cat)
-            if F_g <= 0:
+            if F_g <= 0:                             # no light to scale: left as drawn
                 continue
+            pred, sigma = cons.stamp_flux(j, cat[0], cat[1], r_cat)
             F_post = _combine(F_g, cons.tau_flux * F_g, pred, sigma)
             flux[j] = flux[j] * max(F_post / F_g, 0.0)
         out.append(dataclasses.replace(img, flux=flux.astype(np.float32)))

@@ -75,6 +75,7 @@ class ImageConfig:
     levels: tuple[int, ...] = (8, 5, 5, 5)   # FSQ levels: vocab = their product
     codebook_bits: int = 10         # LFQ only: bits per token
     entropy_weight: float = 0.1     # LFQ only: weight of its code-usage entropy loss
+    fsq_entropy_weight: float = 0.0  # FSQ: weight of the same code-usage term (tokenizers.quantizer)
     channels: int = 32              # width at full resolution; doubles per halving ...
     hidden: int = 64                # ... up to this width
     band_dim: int = 32              # size of the band embedding
@@ -149,7 +150,8 @@ class ImageTokenizer(Tokenizer):
                              f"{c.photometry_floor}, {c.photometry_blocks}")
         self.grid = c.size // c.downsample
         widths = [min(c.channels * 2 ** k, c.hidden) for k in range(halvings + 1)]
-        self.quantizer = make_quantizer(c.quantizer, c.levels, c.codebook_bits, c.entropy_weight, "ImageConfig")
+        self.quantizer = make_quantizer(c.quantizer, c.levels, c.codebook_bits, c.entropy_weight, "ImageConfig",
+                                        c.fsq_entropy_weight)
         self.band_mlp = nn.Sequential(nn.Linear(N_BAND_FEATURES, c.band_dim), nn.GELU(),
                                       nn.Linear(c.band_dim, c.band_dim))
         # encoder: shared per-band stem, mean over bands, then a conv pyramid

@@ -8,8 +8,15 @@
 
 FSQ (Mentzer et al. 2023) rounds each of the d channels, bounded by tanh, onto its own
 small grid of `levels[i]` values with a straight-through gradient. It has no codebook to
-learn, so no commitment or codebook loss (aux = 0) and no dead codes to revive; the
-tokenizers project their features to `len(levels)` channels before it and back after.
+learn, so no commitment or codebook loss (aux = 0 by default); the tokenizers project their
+features to `len(levels)` channels before it and back after. It has no codebook to
+collapse, but its d-dimensional latent can still live on a thin part of the grid: the demo's
+image tokenizer emits 25% of its 1000 codes over all 200k training tokens. With
+`entropy_weight > 0` (FSQuantizer(levels, entropy_weight=0.1)) aux is LFQ's code-usage
+term for FSQ: each channel's bounded value is softly assigned to its levels
+(softmax(-distance^2 / temperature)), a token's code distribution is the product over
+channels, and aux = weight * (mean per-token entropy - entropy of the batch's mean code
+distribution): every code used across the batch, each token confident.
 
     q = LFQuantizer(bits=10, entropy_weight=0.1)  # vocab 2^10, code dim 10, same interface
     q = make_quantizer("lfq", levels, bits=10)    # what the tokenizers' configs call
@@ -30,8 +37,12 @@ from vector_quantize_pytorch import FSQ, LFQ
 
 
 class FSQuantizer(nn.Module):
-    def __init__(self, levels: tuple[int, ...]):
+    def __init__(self, levels: tuple[int, ...], entropy_weight: float = 0.0, temperature: float = 0.5):
         super().__init__()
+        if entropy_weight < 0 or temperature <= 0:
+            raise ValueError(f"FSQuantizer: entropy_weight must be >= 0 and temperature > 0, "
+                             f"got {entropy_weight}, {temperature}")
+        self.entropy_weight, self.temperature = float(entropy_weight), float(temperature)
         levels = tuple(int(l) for l in levels)
         if len(levels) < 1 or any(l < 3 for l in levels):
             raise ValueError(f"FSQuantizer: levels must be >= 3 each (got {levels}); "
@@ -53,7 +64,26 @@ class FSQuantizer(nn.Module):
             raise ValueError(f"FSQuantizer: expected {self.dim} channels, got shape {tuple(z.shape)}")
         z_q, ids = self.fsq(z.float())                                  # ids (B, *grid) int32
         ids = rearrange(ids.long(), "b ... -> b (...)")                 # (B, N)
-        return z_q, ids, z.new_zeros(())
+        aux = self.usage_entropy_loss(z) if self.entropy_weight and self.training else z.new_zeros(())
+        return z_q, ids, aux
+
+    def usage_entropy_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """weight * (mean per-token code entropy - entropy of the batch's mean code distribution),
+        from soft assignments of each channel's bounded value (FSQ's own tanh bound, in level
+        units, before rounding) to its levels."""
+        x = rearrange(z.float(), "b d ... -> (b ...) d")                # (T, d)
+        joint, token_entropy = None, 0.0
+        for c, l in enumerate(self.levels):
+            half_l = (l - 1) * (1 + 1e-3) / 2
+            offset = 0.5 if l % 2 == 0 else 0.0
+            bounded = torch.tanh(x[:, c] + math.atanh(offset / half_l)) * half_l - offset   # (T,)
+            grid = torch.arange(l, device=x.device, dtype=x.dtype) - l // 2                 # (l,) the levels
+            p = torch.softmax(-(bounded[:, None] - grid) ** 2 / self.temperature, -1)       # (T, l)
+            token_entropy = token_entropy - (p * p.clamp_min(1e-12).log()).sum(-1).mean()
+            joint = p if joint is None else (joint[:, :, None] * p[:, None, :]).flatten(1)   # (T, prod)
+        q = joint.mean(0)                                                                   # (V,)
+        batch_entropy = -(q * q.clamp_min(1e-12).log()).sum()
+        return self.entropy_weight * (token_entropy - batch_entropy)
 
     def codes(self, ids: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """ids (B, N) -> quantized codes (B, d, *grid)."""
@@ -113,10 +143,10 @@ class LFQuantizer(FSQuantizer):
 
 
 def make_quantizer(kind: str, levels: tuple[int, ...], bits: int, entropy_weight: float = 0.1,
-                   where: str = "quantizer") -> FSQuantizer:
-    """'fsq' -> FSQuantizer(levels); 'lfq' -> LFQuantizer(bits, entropy_weight)."""
+                   where: str = "quantizer", fsq_entropy_weight: float = 0.0) -> FSQuantizer:
+    """'fsq' -> FSQuantizer(levels, fsq_entropy_weight); 'lfq' -> LFQuantizer(bits, entropy_weight)."""
     if kind == "fsq":
-        return FSQuantizer(levels)
+        return FSQuantizer(levels, fsq_entropy_weight)
     if kind == "lfq":
         return LFQuantizer(bits, entropy_weight)
     raise ValueError(f"{where}: quantizer must be 'fsq' or 'lfq', got {kind!r}")

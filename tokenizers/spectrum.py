@@ -98,6 +98,7 @@ class SpectrumConfig:
     downsample: int = 32              # internal pixels per FSQ token, a power of two
     patch: int = 4                    # pixels folded into channels at the stem (<= downsample)
     levels: tuple[int, ...] = (8, 5, 5, 5)    # FSQ levels: vocab = their product
+    fsq_entropy_weight: float = 0.0   # weight of FSQ's code-usage entropy term (tokenizers.quantizer)
     channels: int = 32                # width at full resolution; doubles per halving ...
     hidden: int = 96                  # ... up to this width
     head: int = 8                     # width of the full-resolution output head
@@ -152,7 +153,7 @@ class SpectrumTokenizer(Tokenizer):
             raise ValueError(f"SpectrumConfig: need log_scale_min < log_scale_max and min_sigma > 0; got {c}")
         if c.out_of_range not in ("mask", "error"):
             raise ValueError(f"SpectrumConfig.out_of_range must be 'mask' or 'error', got {c.out_of_range!r}")
-        self.quantizer = FSQuantizer(c.levels)
+        self.quantizer = FSQuantizer(c.levels, c.fsq_entropy_weight)
         if not 2 <= c.scale_bins <= self.quantizer.vocab_size:
             raise ValueError(f"SpectrumConfig.scale_bins must lie in [2, vocab {self.quantizer.vocab_size}], "
                              f"got {c.scale_bins}")
@@ -431,7 +432,7 @@ class SpectrumTokenizer(Tokenizer):
 
     def training_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
         """Reduced chi-square of the reconstruction, broadened to each input's resolution,
-        on the internal grid (+ FSQ aux, 0)."""
+        on the internal grid (+ FSQ's code-usage term, 0 unless fsq_entropy_weight)."""
         batch = self._prepare(as_list(records))
         good, scored = batch["good"], batch["good"]                      # (B, n)
         p = self.config.blind_spot

@@ -159,12 +159,13 @@ def refine_to_catalog(sample, images: Sequence[Image], cons: CatalogConsistency,
         sample = dataclasses.replace(sample, records={k: v for k, v in sample.records.items() if k in set(given)})
     out = []
     size = _catalog(sample, SIZE_KEY)
+    # the samples of one object share its survey, bands and PSF: one disk for all of them
+    R, sigma_R = cons.stamp_radius(sample, images[0]) if size is not None and len(images) else (None, None)
     for img in images:
         flux = np.asarray(img.flux, np.float64)
         phot = image_photometry(img)
         r_g = phot["r_half"]
         if size is not None and np.isfinite(r_g) and r_g > 0:
-            R, sigma_R = cons.stamp_radius(sample, img)
             r_post = _combine(r_g, cons.tau_size * r_g, R, sigma_R)
             flux = stretch(flux, float(np.clip(r_post / r_g, *STRETCH_RANGE)))
         conv = ab_nanomaggies(img)                                            # flux units -> nanomaggies

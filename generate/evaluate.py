@@ -219,9 +219,8 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
     truths = [truth_record(s, target) for s in test]
     tok = pipe.tokenizer(target)
     roundtrip = tok.decode(tok.encode(observed), like=observed)   # what the tokens can carry at best
-    images = dict(gen=gen, obs=observed, rt=roundtrip, truth=truths,
+    images = dict(gen=gen, mean=mean, obs=observed, rt=roundtrip, truth=truths,
                   base=[catalog_profile_image(s, o) for s, o in zip(test, observed)])
-    images["mean"] = mean
     if catalog is not None:
         images["cat"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, gen)]
         images["cat_mean"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, mean)]

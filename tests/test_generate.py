@@ -222,28 +222,35 @@ def test_cli_translate_writes_fits_figures_and_schedule(tiny_models, sky_shards)
     assert json.loads((out / "schedule.json").read_text())[0]["steps"] == 3
 
 
+def fit_then_reuse(tiny_models, task: str, common: list, fit_args: list, flag: str, json_name: str,
+                   name: str, target: str) -> dict:
+    """Run `task` plain, with `fit_args` (fits and writes OUT/json_name), then with that file:
+    the file reproduces the fitted run's records exactly, which differ from the plain ones.
+    -> the written JSON."""
+    _run(task, *common, "--out", str(tiny_models / f"{name}_plain"))
+    _run(task, *common, *fit_args, "--out", str(tiny_models / name))
+    _run(task, *common, flag, str(tiny_models / name / json_name), "--out", str(tiny_models / f"{name}2"))
+    oid = json.loads((tiny_models / name / "summary.json").read_text())["objects"][0]["object_id"]
+    load = lambda d: np.load(tiny_models / d / f"{oid}.{target}.0.npz")[f"{target}/flux"]   # noqa: E731
+    np.testing.assert_array_equal(load(name), load(f"{name}2"))
+    assert not np.allclose(load(name), load(f"{name}_plain"))
+    return json.loads((tiny_models / name / json_name).read_text())
+
+
 def test_cli_translate_with_data_consistency_fits_then_reuses_it(tiny_models, sky_shards):
     """--consistency RAW fits colour equations and floor on paired objects and writes them;
     --consistency FILE reuses them; the refined samples differ from the model's own."""
     common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
               "--n", "2", "--samples", "2", "--steps", "2", "--format", "npz"]
-    _run("translate", *common, "--out", str(tiny_models / "tr_plain"))
-    _run("translate", *common, "--consistency", str(sky_shards), "--consistency-n", "6",
-         "--out", str(tiny_models / "tr_dc"))
-    cons = json.loads((tiny_models / "tr_dc" / "consistency.json").read_text())
+    cons = fit_then_reuse(tiny_models, "translate", common, ["--consistency", str(sky_shards), "--consistency-n", "6"],
+                          "--consistency", "consistency.json", "tr", "image.hsc")
     assert cons["source"] == "image.des" and cons["fit"]["n_objects"] == 6 and cons["floor"] > 0
     assert len(cons["terms"]["offset"]) == 4                                  # one equation per DES band
-    _run("translate", *common, "--consistency", str(tiny_models / "tr_dc" / "consistency.json"),
-         "--out", str(tiny_models / "tr_dc2"))
-    oid = json.loads((tiny_models / "tr_dc" / "summary.json").read_text())["objects"][0]["object_id"]
-    load = lambda d: np.load(tiny_models / d / f"{oid}.image.hsc.0.npz")["image.hsc/flux"]   # noqa: E731
-    np.testing.assert_array_equal(load("tr_dc"), load("tr_dc2"))
-    assert not np.allclose(load("tr_dc"), load("tr_plain"))
     with pytest.raises(SystemExit, match="no such file"):
         _run("translate", *common, "--consistency", str(tiny_models / "nowhere.json"), "--out", str(tiny_models / "tr_x"))
     with pytest.raises(SystemExit, match="fitted for image.des -> image.hsc"):
         _run("translate", *common, "--given", "image.hsc", "--target", "image.des",
-             "--consistency", str(tiny_models / "tr_dc" / "consistency.json"), "--out", str(tiny_models / "tr_x"))
+             "--consistency", str(tiny_models / "tr" / "consistency.json"), "--out", str(tiny_models / "tr_x"))
 
 
 def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sky_shards):
@@ -255,17 +262,10 @@ def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sk
     given = ["scalar.redshift", "scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z", "scalar.r_half"]
     common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
               "--n", "2", "--steps", "2", "--format", "npz", "--given", *given, "--target", "image.des"]
-    _run("sample", *common, "--out", str(tiny_models / "cc_plain"))
-    _run("sample", *common, "--catalog-consistency", str(sky_shards), "--catalog-share-snr", "10",
-         "--out", str(tiny_models / "cc"))
-    cons = json.loads((tiny_models / "cc" / "catalog_consistency.json").read_text())
+    cons = fit_then_reuse(tiny_models, "sample", common,
+                          ["--catalog-consistency", str(sky_shards), "--catalog-share-snr", "10"],
+                          "--catalog-consistency", "catalog_consistency.json", "cc", "image.des")
     assert cons["target"] == "image.des" and cons["fit"]["n_objects"] >= 10 and cons["tau_flux"] >= 0.02
-    _run("sample", *common, "--catalog-consistency", str(tiny_models / "cc" / "catalog_consistency.json"),
-         "--out", str(tiny_models / "cc2"))
-    oid = json.loads((tiny_models / "cc" / "summary.json").read_text())["objects"][0]["object_id"]
-    load = lambda d: np.load(tiny_models / d / f"{oid}.image.des.0.npz")["image.des/flux"]   # noqa: E731
-    np.testing.assert_array_equal(load("cc"), load("cc2"))
-    assert not np.allclose(load("cc"), load("cc_plain"))
     with pytest.raises(SystemExit, match="one target image"):
         _run("sample", *common[:-1], "scalar.redshift", "--catalog-consistency", str(sky_shards),
              "--catalog-share-snr", "10", "--out", str(tiny_models / "cc_x"))

@@ -29,8 +29,8 @@ import yaml
 
 from omnisky.generate.cli import load_samples
 from omnisky.generate.catalog_consistency import fit_catalog_consistency
-from omnisky.generate.evaluate import (CALIBRATION_OBJECTS, FLUXES, REDSHIFT_OBJECTS, evaluate_conditional, evaluate_redshift,
-                                       evaluate_sdss_catalog, evaluate_superres, evaluate_translation, heldout_split)
+from omnisky.generate.evaluate import (CALIBRATION_OBJECTS, CONSISTENCY_OBJECTS, FLUXES, REDSHIFT_OBJECTS, SPECTRA,
+                                       evaluate_conditional, evaluate_redshift, evaluate_sdss_catalog, evaluate_superres, evaluate_translation, heldout_split)
 from omnisky.generate.pipeline import Pipeline
 
 
@@ -120,8 +120,8 @@ def main(argv=None) -> dict:
                                               figdir, seed, **sched)
     res["translation_back"] = evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train,
                                                    None, seed, source="image.hsc", target="image.des", **sched)
-    res["superres"] = evaluate_superres(pipe, load_samples(args.data, n, ["spectrum.sdss", "spectrum.desi"]),
-                                        figdir, seed, **sched)
+    res["superres"] = evaluate_superres(pipe, load_samples(args.data, n, SPECTRA), figdir, seed,
+                                        train=load_samples(args.train_data, CONSISTENCY_OBJECTS, SPECTRA), **sched)
     cond_need = ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES
     catalog = fit_catalog_consistency(pipe, load_samples(args.train_data, args.n_train_catalog, cond_need), "image.des",
                                       n_model=args.n_catalog_model, seed=seed,

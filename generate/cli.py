@@ -17,7 +17,9 @@ the truth where the data have it). `translate --given image.hsc --target image.d
 the other way; any band set the image tokenizer decodes can be a target. `translate
 --consistency PAIRED_RAW --samples 8` pulls each sample to the source observation
 (`generate.consistency`, fitted on the paired objects and written to OUT/consistency.json;
-pass that file on later runs). `sample --target image.des --catalog-consistency TRAIN_RAW`
+pass that file on later runs); `superres --consistency PAIRED_RAW` does the same for spectra
+(`generate.spectrum_consistency`: the SDSS-like line spread, pixels and fibre aperture, and
+the emission lines' fluxes where the object's redshift is known). `sample --target image.des --catalog-consistency TRAIN_RAW`
 pulls each image to the object's catalog fluxes and half-light radius
 (`generate.catalog_consistency`, fitted on the training objects' observations and written to
 OUT/catalog_consistency.json; pass that file on later runs).
@@ -92,11 +94,12 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
     chain = pipe.sample_chain(samples, given, schedule, n_samples=args.samples, seed=args.seed)
     if getattr(args, "consistency", None):
         if len(given) != 1 or len(targets) != 1:
-            raise SystemExit("--consistency: translate from one given image to one target image")
-        from .consistency import refine_translation
+            raise SystemExit("--consistency: from one given image (spectrum) to one target image (spectrum)")
+        from .consistency import known_redshift, refine_translation
         cons = load_consistency(pipe, args, given[0], targets[0])
         for s, draws in zip(samples, chain):
-            refined = refine_translation(s.records[given[0]], [d[targets[0]] for d in draws], cons)
+            refined = refine_translation(s.records[given[0]], [d[targets[0]] for d in draws], cons,
+                                         redshift=known_redshift(s))
             for d, r in zip(draws, refined):
                 d[targets[0]] = r
     if getattr(args, "catalog_consistency", None):
@@ -222,12 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
         q.add_argument("--need-target", action=argparse.BooleanOptionalAction, default=True,
                        help="only objects that also have the (last) target (to compare with the truth)")
-        if task == "translate":
+        if task in ("translate", "superres"):
             q.add_argument("--consistency", default=None,
-                           help="pull each sample to the source observation (generate.consistency): a "
-                                "consistency.json written by an earlier run, or a raw shards folder of objects "
-                                "observed by both surveys to fit it on (colour equations and prior width; written to "
-                                "OUT/consistency.json). Use --samples 8 or so: their spread is the prior's width")
+                           help="pull each sample to the source observation (generate.consistency; spectra: "
+                                "generate.spectrum_consistency, emission lines fitted where the object's "
+                                "scalar.redshift is known): a consistency.json written by an earlier run, or a raw "
+                                "shards folder of objects observed by both surveys (spectrographs) to fit it on "
+                                "(written to OUT/consistency.json). Images: use --samples 8 or so, their spread "
+                                "is part of the prior's width")
             q.add_argument("--consistency-n", type=int, default=CONSISTENCY_OBJECTS,
                            help="paired objects to fit the consistency on")
         if task == "sample":

@@ -42,6 +42,10 @@ and only the floor's width, and is cut off at the end.
                                                                      # as many refined Images
     pipe.translate(objects, consistency=cons, n_samples=8)           # the same, in the pipeline
 
+Spectra take the same calls (SDSS-like -> DESI-like super-resolution, its forward operator
+the source's line spread, pixels and fibre aperture, and emission lines where the redshift
+is known): `generate.spectrum_consistency`.
+
 `fit_consistency` needs no truth: the colour equations come from the pairs' total fluxes
 and the prior's width (floor, fraction) is the one of a grid whose refined images lie
 closest to the pairs' observed target images (median reduced chi-square; the target's
@@ -59,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..shards.schema import Image
+from ..shards.schema import Image, Spectrum
 from .baselines import (ColourTerms, _moffat_beta, aperture_fluxes, box_otf, fit_colour_terms, nearest_band,
                         stamp_centre)
 from ..shards.render import moffat_otf
@@ -73,31 +77,34 @@ FRACTIONS = (0.0, 0.1, 0.2, 0.4)            # floors (x the target noise) x frac
 @dataclass
 class Consistency:
     """What refining a translation source -> target needs: the colour equations from the
-    target's bands to the source's, and the prior's width: `floor` (in units of the target's
-    noise) and `fraction` (of the samples' mean), in quadrature with the samples' spread."""
+    target's bands to the source's (images; None for spectra), and the prior's width: `floor`
+    (in units of the target's noise) and `fraction` (of the samples' mean), in quadrature
+    with the samples' spread."""
     source: str
     target: str
     terms: ColourTerms | None
     floor: float
     fraction: float = 0.0            # prior width also this fraction of the prior mean
     fit: dict | None = None          # "floor,fraction" -> median chi2 on the fitting pairs, when fitted
+    lines: bool = True               # spectra: fit emission-line fluxes where the redshift is known
 
     def to_json(self) -> dict:
         terms = None if self.terms is None else {
             k: np.asarray(v).tolist() for k, v in dataclasses.asdict(self.terms).items()}
         return dict(source=self.source, target=self.target, floor=self.floor, fraction=self.fraction,
-                    terms=terms, fit=self.fit)
+                    terms=terms, fit=self.fit, lines=self.lines)
 
     @classmethod
     def from_json(cls, d: dict) -> "Consistency":
-        unknown = set(d) - {"source", "target", "floor", "fraction", "terms", "fit"}
+        unknown = set(d) - {"source", "target", "floor", "fraction", "terms", "fit", "lines"}
         if unknown:
             raise ValueError(f"Consistency: unknown key(s) {sorted(unknown)}")
         t = d.get("terms")
         terms = None if t is None else ColourTerms(
             nearest=list(t["nearest"]), blue=list(t["blue"]), red=list(t["red"]), offset=np.asarray(t["offset"]),
             slope=np.asarray(t["slope"]), colour_range=np.asarray(t["colour_range"]))
-        return cls(d["source"], d["target"], terms, float(d["floor"]), float(d.get("fraction", 0.0)), d.get("fit"))
+        return cls(d["source"], d["target"], terms, float(d["floor"]), float(d.get("fraction", 0.0)), d.get("fit"),
+                   bool(d.get("lines", True)))
 
 
 class SourceView:
@@ -228,9 +235,26 @@ class Refinement:
         return (prior + std * u)[:, :, iy, ix].numpy()
 
 
-def refine_translation(source: Image, samples: Sequence[Image], consistency: Consistency,
+def refinement(source, samples: Sequence, consistency: Consistency, redshift: float | None = None):
+    """One object's refinement problem for its kind: images (`Refinement`) or spectra
+    (`generate.spectrum_consistency.SpectrumRefinement`; `redshift` places the emission
+    lines, used where `consistency.lines`)."""
+    if isinstance(source, Spectrum):
+        from .spectrum_consistency import SpectrumRefinement
+        return SpectrumRefinement(source, samples, (consistency.fit or {}).get("aperture_ratio"),
+                                  redshift if consistency.lines else None)
+    return Refinement(source, samples, consistency.terms)
+
+
+def known_redshift(sample) -> float | None:
+    """The object's catalog redshift, where it has one (a `scalar.redshift` record)."""
+    rec = sample.records.get("scalar.redshift")
+    return None if rec is None else float(rec.value)
+
+
+def refine_translation(source: Image | Spectrum, samples: Sequence, consistency: Consistency,
                        priors: Sequence[np.ndarray] | None = None, iterations: int = 60,
-                       tol: float = 1e-6) -> list[Image]:
+                       tol: float = 1e-6, redshift: float | None = None) -> list:
     """Each of one object's generated target images pulled to the source observation (see
     the module docstring); their mean is the posterior-mean image.
 
@@ -241,10 +265,14 @@ def refine_translation(source: Image, samples: Sequence[Image], consistency: Con
              the floor's and the fraction's).
     priors:  other prior means (Ct, h, w) to refine instead of the samples, with the same
              variance, e.g. [the samples' mean] alone: the map is linear, so that gives the
-             mean of the refined samples at 1/S of the cost."""
-    problem = Refinement(source, samples, consistency.terms)
+             mean of the refined samples at 1/S of the cost.
+    redshift: spectra only, the object's known redshift: the emission lines' fluxes are
+             then fitted too (`generate.spectrum_consistency`)."""
+    problem = refinement(source, samples, consistency, redshift)
     centres = problem.stack if priors is None else np.stack([np.asarray(p, np.float64) for p in priors])
-    refined = problem.solve(centres, [(consistency.floor, consistency.fraction)] * len(centres), iterations, tol)
+    widths = [(consistency.floor, consistency.fraction)] * len(centres)
+    refined = problem.solve(centres, widths) if isinstance(source, Spectrum) else \
+        problem.solve(centres, widths, iterations, tol)
     return [dataclasses.replace(problem.like, flux=r.astype(np.float32)) for r in refined]
 
 
@@ -288,17 +316,23 @@ def fit_prior_width(pairs: Sequence, priors: Sequence[Sequence[Image]], source: 
     samples) of pairs[i], from the model or from anything else (e.g. the classical baseline,
     to measure what the refinement alone buys)."""
     src0, tgt0 = pairs[0].records[source], pairs[0].records[target]
-    terms = fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
+    spectra = isinstance(src0, Spectrum)
+    terms = None if spectra else \
+        fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
     widths = [(float(f), float(r)) for f in floors for r in fractions]
-    chi = []                                                                  # (objects, widths)
+    chi, ratios = [], []                                                      # (objects, widths), (objects,)
     for s, g in zip(pairs, priors):
-        problem = Refinement(s.records[source], g, terms)
+        problem = refinement(s.records[source], g, Consistency(source, target, terms, 1.0), known_redshift(s))
+        ratios.append(getattr(problem, "fitted_ratio", np.nan))
         means = problem.solve(np.repeat(problem.mean[None], len(widths), 0), widths)
         t = s.records[target]
         good = ~t.mask & (t.ivar > 0)
         chi.append([float(np.mean((m[good] - t.flux[good]) ** 2 * t.ivar[good])) for m in means])
     scores = np.median(np.array(chi), 0)
     floor, fraction = widths[int(np.argmin(scores))]
-    return Consistency(source, target, terms, floor, fraction=fraction, fit=dict(
-        n_objects=len(pairs), n_samples=len(priors[0]),
-        median_chi2_vs_observed={f"{f:g},{r:g}": float(c) for (f, r), c in zip(widths, scores)}))
+    fit = dict(n_objects=len(pairs), n_samples=len(priors[0]),
+               median_chi2_vs_observed={f"{f:g},{r:g}": float(c) for (f, r), c in zip(widths, scores)})
+    if spectra:   # the fallback aperture ratio for objects whose own cannot be fitted
+        good = np.array(ratios)[np.isfinite(ratios) & (np.array(ratios) > 0)]
+        fit["aperture_ratio"] = float(np.median(good)) if len(good) else 1.0
+    return Consistency(source, target, terms, floor, fraction=fraction, fit=fit)

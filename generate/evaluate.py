@@ -42,7 +42,7 @@ import numpy as np
 from .calibration import fit_calibration
 from .catalog_consistency import refine_to_catalog
 from .baselines import catalog_profile_image, fit_colour_terms, fit_psf_regulariser, interpolate_spectrum, resample_image
-from .consistency import fit_consistency, fit_prior_width, refine_translation
+from .consistency import fit_consistency, fit_prior_width, known_redshift, refine_translation
 from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
 from .photoz import (SDSS_BANDS, catalog_samples, coverage, flux_features, gradient_boosting, read_sdss_catalog,
@@ -52,6 +52,7 @@ from .probe import LinearProbe
 FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
 REDSHIFT_OBJECTS = 400      # held-out objects the redshift posterior is scored on (one forward pass each)
 CALIBRATION_OBJECTS = 400   # held-out objects after those, to calibrate the posterior on
+SPECTRA = ["spectrum.sdss", "spectrum.desi"]  # super-resolution: source, target
 CONSISTENCY_OBJECTS = 24    # training objects the translation's data-consistency prior width is fitted on
 
 
@@ -156,26 +157,41 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
 
 
 def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
-                      source: str = "spectrum.sdss", target: str = "spectrum.desi", **schedule) -> dict:
+                      source: str = "spectrum.sdss", target: str = "spectrum.desi", train=(),
+                      n_consistency: int = CONSISTENCY_OBJECTS, **schedule) -> dict:
+    """chi2 against the noiseless truth on the source's wavelength range and the emission
+    lines' flux errors, for the model's spectrum (`fm`), the same pulled to the source
+    spectrum (`fm_consistent`: generate.spectrum_consistency, its prior width fitted on the
+    first `n_consistency` paired `train` objects' observations; emission lines fitted at the
+    object's catalog redshift where it has one), linear interpolation of the source
+    (`baseline`) and the tokenizer's round trip of the target observation (the ceiling)."""
     gen = pipe.superres(test, source=source, target=target, seed=seed, **schedule)
+    pairs = [s for s in train if source in s.records and target in s.records][:n_consistency]
+    cons = fit_consistency(pipe, pairs, source, target, n_samples=2, seed=seed, **schedule) \
+        if len(pairs) >= 5 else None
+    refined = [refine_translation(s.records[source], g, cons, redshift=known_redshift(s)) for s, g in zip(test, gen)] \
+        if cons is not None else [None] * len(test)
     tok, likes = pipe.tokenizer(target), [s.records[target] for s in test]
     roundtrip = tok.decode(tok.encode(likes), like=likes)   # what the tokens can carry: the ceiling
-    fm, base = [], []
-    lines = {"fm": {}, "baseline": {}, "tokenizer_roundtrip": {}}
-    for s, g, rt in zip(test, gen, roundtrip):
+    fm, fm_dc, base = [], [], []
+    lines = {"fm": {}, "fm_consistent": {}, "baseline": {}, "tokenizer_roundtrip": {}}
+    for s, g, rt, r in zip(test, gen, roundtrip, refined):
         t, src = s.records[target], s.records[source]
         outside = t.mask | (t.wavelength < src.wavelength[0]) | (t.wavelength > src.wavelength[-1])
         interp = interpolate_spectrum(src, t)
         fm.append(reduced_chi2(g[0].flux, s.truth[target], t.ivar, outside))
+        if r is not None:
+            fm_dc.append(reduced_chi2(r[0].flux, s.truth[target], t.ivar, outside))
         base.append(reduced_chi2(np.nan_to_num(interp.flux), s.truth[target], t.ivar, outside | interp.mask))
         z = s.params.get("z", s.records["scalar.redshift"].value if "scalar.redshift" in s.records else None)
         if z is None:
             continue
         noiseless = dataclasses.replace(t, flux=s.truth[target], mask=np.zeros_like(t.mask))
         true_lines = line_fluxes(noiseless, z)
-        for name, spec in (("fm", dataclasses.replace(g[0], ivar=t.ivar, mask=np.zeros_like(t.mask))),
-                           ("baseline", dataclasses.replace(interp, ivar=t.ivar, mask=outside | interp.mask)),
-                           ("tokenizer_roundtrip", dataclasses.replace(rt, ivar=t.ivar, mask=np.zeros_like(t.mask)))):
+        candidates = [("fm", g[0]), ("fm_consistent", r[0] if r is not None else None), ("tokenizer_roundtrip", rt)]
+        for name, spec in [(n, dataclasses.replace(c, ivar=t.ivar, mask=np.zeros_like(t.mask)))
+                           for n, c in candidates if c is not None] \
+                + [("baseline", dataclasses.replace(interp, ivar=t.ivar, mask=outside | interp.mask))]:
             measured = line_fluxes(spec, z)
             for line, (f_true, sigma) in true_lines.items():
                 f = measured[line][0]
@@ -184,18 +200,23 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
     if figdir is not None:
         for i, s in enumerate(test[:3]):
             spectrum_figure(figdir / f"superres_{i}.png", s.records[source], gen[i], truth_record(s, target),
-                            title=f"{s.object_id}: {source} -> {target} (z={s.params.get('z', float('nan')):.2f})")
+                            title=f"{s.object_id}: {source} -> {target} (z={s.params.get('z', float('nan')):.2f})",
+                            refined=refined[i] or ())
     line_errors = {}
     for line in sorted(set(lines["fm"]) | set(lines["baseline"])):
         row = {}
-        for name in ("fm", "baseline", "tokenizer_roundtrip"):
+        for name in ("fm", "fm_consistent", "baseline", "tokenizer_roundtrip"):
             v = np.array(lines[name].get(line, np.zeros((0, 2))))
             row[name] = dict(n=len(v), median_abs_err_sigma=_median(np.abs(v[:, 0])) if len(v) else float("nan"),
                              median_abs_rel_err=_median(np.abs(v[:, 1])) if len(v) else float("nan"))
         line_errors[line] = row
     chi_fm, chi_base = _median(fm), _median(base)
-    return dict(n=len(test), chi2_fm=chi_fm, chi2_baseline=chi_base, ratio_fm_to_baseline=chi_fm / chi_base,
-                line_flux_error=line_errors)
+    return dict(n=len(test), chi2_fm=chi_fm, chi2_fm_consistent=_median(fm_dc), chi2_baseline=chi_base,
+                ratio_fm_to_baseline=chi_fm / chi_base,
+                consistency=None if cons is None else dict(floor=cons.floor, fraction=cons.fraction,
+                                                           aperture_ratio=cons.fit.get("aperture_ratio"),
+                                                           n_pairs=len(pairs)),
+                n_with_redshift=sum(known_redshift(s) is not None for s in test), line_flux_error=line_errors)
 
 
 def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, target: str = "image.des",

@@ -126,8 +126,9 @@ def image_figure(path: str | Path, given: Image | None, generated: Sequence[Imag
 
 
 def spectrum_figure(path: str | Path, given: Spectrum | None, generated: Sequence[Spectrum],
-                    truth: Spectrum | None = None, title: str = "") -> None:
-    """Overplotted spectra: given, generated samples, truth (noiseless)."""
+                    truth: Spectrum | None = None, title: str = "", refined: Sequence[Spectrum] = ()) -> None:
+    """Overplotted spectra: given, generated samples, truth (noiseless), and the samples
+    pulled to the given data (`refined`, generate.spectrum_consistency) where there are any."""
     fig, ax = plt.subplots(figsize=(9, 3))
     if given is not None:
         ax.plot(given.wavelength, given.flux, lw=0.5, color="0.6", label=f"given {given.instrument}")
@@ -136,9 +137,12 @@ def spectrum_figure(path: str | Path, given: Spectrum | None, generated: Sequenc
     for k, g in enumerate(generated):
         ax.plot(g.wavelength, g.flux, lw=0.7, alpha=0.8, color=f"C{k % 10}",
                 label=f"generated {g.instrument}" if k == 0 else None)
+    for k, g in enumerate(refined):
+        ax.plot(g.wavelength, g.flux, lw=0.7, alpha=0.8, color="C3",
+                label="pulled to the given data" if k == 0 else None)
     ax.set_xlabel("wavelength [Angstrom]")
     ax.set_ylabel("flux [1e-17 erg/s/cm2/A]")
-    shown = ([truth.flux] if truth is not None else []) + [g.flux[~g.mask] for g in generated]
+    shown = ([truth.flux] if truth is not None else []) + [g.flux[~g.mask] for g in (*generated, *refined)]
     lo, hi = np.percentile(np.concatenate(shown), [1, 99.5])
     ax.set_ylim(lo - 0.2 * abs(hi - lo), hi + 0.3 * abs(hi - lo))
     ax.legend(fontsize=7, loc="upper right")

@@ -5,6 +5,8 @@
     cons = fit_consistency(sky, paired_samples, "image.des", "image.hsc")     # generate.consistency
     hsc = sky.translate(samples, consistency=cons, n_samples=8)               # pulled to the DES data
     desi = sky.superres(samples)                                              # SDSS -> DESI
+    cons = fit_consistency(sky, paired_samples, "spectrum.sdss", "spectrum.desi")
+    desi = sky.superres(samples, consistency=cons)                            # pulled to the SDSS data
     img = sky.sample(samples, given=["scalar.redshift", "scalar.flux_r"], target="image.hsc")
     cat = fit_catalog_consistency(sky, train_samples, "image.des")            # generate.catalog_consistency
     img = sky.sample(samples, given=[...], target="image.des", catalog=cat)  # pulled to the catalog values
@@ -31,7 +33,7 @@ from ..shards.schema import Sample, modality_kind
 from ..tokenizers.base import Tokenizer, load_tokenizer
 from .calibration import model_level
 from .catalog_consistency import CatalogConsistency, refine_to_catalog
-from .consistency import Consistency, refine_translation
+from .consistency import Consistency, known_redshift, refine_translation
 from .posterior import bin_quantile
 from .sampler import generate, token_probabilities
 from .schedule import TargetSchedule
@@ -154,11 +156,17 @@ class Pipeline:
         if (consistency.source, consistency.target) != (source, target):
             raise ValueError(f"consistency fitted for {consistency.source} -> {consistency.target}, "
                              f"not {source} -> {target}")
-        return [refine_translation(s.records[source], g, consistency) for s, g in zip(samples, gen)]
+        return [refine_translation(s.records[source], g, consistency, redshift=known_redshift(s))
+                for s, g in zip(samples, gen)]
 
-    def superres(self, samples, source: str = "spectrum.sdss", target: str = "spectrum.desi", **kw):
-        """Spectrum super-resolution: the `target` instrument's spectrum from `source`'s."""
-        return self.sample(samples, [source], target, **kw)
+    def superres(self, samples, source: str = "spectrum.sdss", target: str = "spectrum.desi",
+                 consistency: Consistency | None = None, **kw):
+        """Spectrum super-resolution: the `target` instrument's spectrum from `source`'s.
+        `consistency` (generate.consistency.fit_consistency on paired spectra): each sample
+        then pulled to the source spectrum through its line spread, pixels and aperture, with
+        the emission lines' fluxes fitted where the object's redshift is known
+        (generate.spectrum_consistency)."""
+        return self.translate(samples, source, target, consistency, **kw)
 
     # -- posteriors and embeddings -------------------------------------------------------
     @torch.no_grad()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .catalog_consistency import fit_catalog_consistency
 from .cli import load_samples
-from .evaluate import (CALIBRATION_OBJECTS, FLUXES, evaluate_conditional, evaluate_redshift, evaluate_superres,
-                       evaluate_translation, heldout_split)
+from .evaluate import (CALIBRATION_OBJECTS, CONSISTENCY_OBJECTS, FLUXES, SPECTRA, evaluate_conditional,
+                       evaluate_redshift, evaluate_superres, evaluate_translation, heldout_split)
 
 
 def write_report(pipe, args) -> dict:
@@ -32,7 +32,9 @@ def write_report(pipe, args) -> dict:
                if args.train_data else None)
     results = dict(
         translation=evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train, figdir, args.seed),
-        superres=evaluate_superres(pipe, load_samples(args.data, n, ["spectrum.sdss", "spectrum.desi"]), figdir, args.seed),
+        superres=evaluate_superres(pipe, load_samples(args.data, n, SPECTRA), figdir, args.seed,
+                                   train=load_samples(args.train_data, CONSISTENCY_OBJECTS, SPECTRA)
+                                   if args.train_data else ()),
         conditional=evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, args.seed,
                                          catalog=catalog),
         redshift=evaluate_redshift(pipe, *heldout_split(load_samples(args.data, nz + CALIBRATION_OBJECTS, z_need), nz),
@@ -89,18 +91,26 @@ def render_markdown(r: dict) -> str:
           if t.get("consistency") else []),
         f"## Spectrum super-resolution: SDSS-like -> DESI-like ({s['n']} objects)", "",
         "| method | median reduced chi2 (SDSS range) |", "|---|---|",
-        f"| omnisky | {_fmt(s['chi2_fm'])} |", f"| baseline: linear interpolation | {_fmt(s['chi2_baseline'])} |", "",
+        f"| omnisky | {_fmt(s['chi2_fm'])} |",
+        f"| omnisky + data consistency (pulled to the SDSS-like spectrum; lines fitted at the catalog redshift) | "
+        f"{_fmt(s.get('chi2_fm_consistent'))} |",
+        f"| baseline: linear interpolation | {_fmt(s['chi2_baseline'])} |", "",
+        *([f"Data consistency (`generate.spectrum_consistency`): the prior is the model's spectrum with "
+           f"{_fmt(s['consistency']['floor'])} x the DESI-like noise plus {_fmt(s['consistency']['fraction'])} x "
+           f"the spectrum (fitted on {s['consistency']['n_pairs']} training objects' observations) and, where the "
+           f"object's redshift is known ({s.get('n_with_redshift')} of {s['n']}), free emission-line fluxes; the "
+           "likelihood is the SDSS-like spectrum seen through its line spread, pixels and fibre aperture.", ""]
+          if s.get("consistency") else []),
         "Emission-line flux error against the noiseless truth (lines the truth holds at >= 3 sigma): "
         "median |error| in units of the DESI-like line-flux noise, and median |error| / true line flux "
         "(1.0 = no line at all); the spectrum tokenizer's own round trip of the DESI-like observation "
         "is what the tokens can carry:", "",
-        "| line | omnisky | interpolation | tokenizer round trip | relative: omnisky | interpolation | round trip "
-        "| lines |", "|---|---|---|---|---|---|---|---|",
-        *[f"| {k} | {_fmt(v['fm']['median_abs_err_sigma'])} | {_fmt(v['baseline']['median_abs_err_sigma'])} | "
-          f"{_fmt(v.get('tokenizer_roundtrip', {}).get('median_abs_err_sigma', float('nan')))} | "
-          f"{_fmt(v['fm']['median_abs_rel_err'])} | {_fmt(v['baseline']['median_abs_rel_err'])} | "
-          f"{_fmt(v.get('tokenizer_roundtrip', {}).get('median_abs_rel_err', float('nan')))} | {v['fm']['n']} |"
-          for k, v in s["line_flux_error"].items()], "",
+        "| line | omnisky | + data consistency | interpolation | tokenizer round trip | relative: omnisky "
+        "| + data consistency | interpolation | round trip | lines |", "|---|---|---|---|---|---|---|---|---|---|",
+        *[f"| {k} | " + " | ".join(_fmt(v.get(m, {}).get(q, float('nan'))) for q in ("median_abs_err_sigma",
+                                                                                   "median_abs_rel_err")
+                                    for m in ("fm", "fm_consistent", "baseline", "tokenizer_roundtrip"))
+          + f" | {v['fm']['n']} |" for k, v in s["line_flux_error"].items()], "",
         *[f"![superres {i}](figures/superres_{i}.png)" for i in range(3)], "",
         f"## Conditional generation: {c['target']} given {', '.join(c['given'])} ({c['n']} objects)", "",
         "Median |measured - given| / noise of the given value (fluxes: the stamp's sum), and |r_half measured on "

@@ -253,6 +253,28 @@ def test_cli_translate_with_data_consistency_fits_then_reuses_it(tiny_models, sk
              "--consistency", str(tiny_models / "tr" / "consistency.json"), "--out", str(tiny_models / "tr_x"))
 
 
+def test_cli_superres_with_data_consistency_fits_then_reuses_it(tiny_models, sky_shards):
+    """superres --consistency RAW fits the prior width and aperture ratio on paired spectra
+    and writes them; --consistency FILE reuses them; Pipeline.superres(consistency=) gives
+    the refinement with the object's catalog redshift (emission lines fitted)."""
+    from omnisky.generate.consistency import Consistency, known_redshift, refine_translation
+    from omnisky.generate.pipeline import Pipeline
+    common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
+              "--n", "2", "--steps", "2", "--format", "npz"]
+    cons = fit_then_reuse(tiny_models, "superres", common, ["--consistency", str(sky_shards), "--consistency-n", "6"],
+                          "--consistency", "consistency.json", "sr_dc", "spectrum.desi")
+    assert cons["source"] == "spectrum.sdss" and cons["terms"] is None and cons["lines"]
+    assert cons["fit"]["n_objects"] == 6 and cons["fit"]["aperture_ratio"] > 0   # the untrained model: 1 (fallback)
+    sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
+    objs = load_samples(str(sky_shards), 2, need=["spectrum.sdss", "spectrum.desi", "scalar.redshift"])
+    c = Consistency.from_json(cons)
+    plain = sky.superres(objs, steps=2, seed=4)
+    pulled = sky.superres(objs, steps=2, seed=4, consistency=c)
+    expect = refine_translation(objs[1].records["spectrum.sdss"], plain[1], c, redshift=known_redshift(objs[1]))
+    np.testing.assert_allclose(pulled[1][0].flux, expect[0].flux, rtol=1e-6)
+    assert pulled[1][0].flux.shape == (7781,) and not np.allclose(pulled[1][0].flux, plain[1][0].flux)
+
+
 def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sky_shards):
     """--catalog-consistency RAW fits the maps (and the model's error) on training objects and
     writes them; the FILE reproduces the images; they differ from the model's own; the pipeline's

@@ -1,0 +1,193 @@
+"""Data consistency for spectrum super-resolution: the generated spectrum, seen through the
+source spectrograph, made to agree with the source observation.
+
+A super-resolved spectrum (say DESI-like, from an SDSS-like observation) is a draw from the
+model's posterior; the model never checks it against the pixels it was given, and the tiny
+models put no emission lines in it at all. `SpectrumRefinement` combines the two sources
+of information as Gaussians, as `generate.consistency` does for images:
+
+    prior       H ~ N(M, V)                M: the samples' mean on the target grid, V: their
+                                           variance plus (floor x target noise)^2 plus
+                                           (fraction x M)^2
+    likelihood  D ~ N(s A H, 1 / ivar_src) D: the source spectrum, A: the source
+                                           spectrograph seen from the target's pixels, s: the
+                                           object's aperture ratio (below)
+
+and returns the posterior mean (s^2 A^T W A + V^-1)^-1 (s A^T W D + V^-1 M), a banded
+system solved exactly (sparse LU; a few thousand unknowns). Where the source is silent
+(beyond its wavelength range, masked pixels, detail finer than its line spread) the
+model's prior stays.
+
+Emission lines: with the object's redshift known (its `scalar.redshift` record: SDSS
+spectra come with one), the prior also holds each nebular line of `shards.sed.LINES` that
+falls on the target grid ([OII], H-beta, [OIII], [NII], H-alpha) as a Gaussian profile at
+the target's resolution with a free flux: H = M + G a + e, e ~ N(0, V), a flat prior on a.
+The line fluxes are then fitted to the source data through A (the source's resolution and
+aperture), and each line comes back at the target's resolution. Without them a line lives
+only in the pixel term, whose width is set for the continuum: on the simulated sky, with
+a prior that had the continuum right and no lines, the pixel term alone (floor 1) left
+H-alpha, H-beta, [OIII], [OII] at a median 0.88 of their true flux missing; with the line
+term 0.34, the chi-square against the truth 0.019 -> 0.034 (60 training objects).
+
+The forward operator A (target pixels -> source pixels): each target pixel's flux density,
+a box of its width, broadened by the Gaussian line spread taking the target's resolution to
+the source's (sigma^2 = sigma_src^2 - sigma_tgt^2, none where the target's is the broader),
+averaged over each source pixel (flux density conserved; rows sum to one). Source pixels
+whose support reaches beyond the target grid are not used.
+
+The aperture ratio s: the two spectrographs' fibres (SDSS 3", DESI 1.5") hold different
+shares of a galaxy's light, a ratio of 1.2-2.2 on the simulated sky that depends on the
+galaxy's size and the seeing. Per object it is the least-squares ratio of the source data
+to the view of the prior mean (A M), so that the refinement moves the spectrum's shape,
+not its level; a ratio that cannot be fitted (no usable pixel, a non-positive fit) falls
+back to `Consistency.fit['aperture_ratio']`, the fitting pairs' median, or 1.
+
+    cons = fit_consistency(pipe, pairs, "spectrum.sdss", "spectrum.desi")  # prior width, from pairs
+    refined = refine_translation(sdss_record, samples, cons)               # Spectra, same calls as images
+    pipe.superres(objects, consistency=cons)
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
+from scipy.special import erf
+
+from ..shards.schema import Spectrum
+from ..shards.sed import C_KMS, FWHM_PER_SIGMA, LINES
+from ..tokenizers.resample import pixel_edges
+
+KERNEL_HALF_WIDTH_SIGMA = 5.0        # the broadening kernel is cut here
+FULL_ROW = 0.999                     # a source pixel is used if its row of A sums to at least this
+LINE_SIGMA_V = 100.0                 # km/s, the emission lines' velocity dispersion in their profiles
+LINE_HALF_WIDTH_SIGMA = 6.0          # a line's profile is cut here
+LINE_RIDGE = 1e-9                    # the line fluxes' flat prior, relative to their data term
+
+
+def _line_sigma(wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
+    """(L,) Gaussian sigma of the line spread, Angstrom."""
+    return wavelength / (np.clip(np.asarray(resolution, np.float64), 1.0, None) * FWHM_PER_SIGMA)
+
+
+@lru_cache(maxsize=8)
+def _view_matrix(src_wave: bytes, src_res: bytes, tgt_wave: bytes, tgt_res: bytes) -> scipy.sparse.csr_matrix:
+    ws, wt = np.frombuffer(src_wave), np.frombuffer(tgt_wave)                  # (Ls,), (Lt,) Angstrom
+    sig_s = _line_sigma(ws, np.frombuffer(src_res, np.float32))
+    sig_t = np.interp(ws, wt, _line_sigma(wt, np.frombuffer(tgt_res, np.float32)))
+    extra = np.sqrt(np.clip(sig_s ** 2 - sig_t ** 2, 0.0, None))               # (Ls,) broadening, A
+    es, et = pixel_edges(ws), pixel_edges(wt)                                   # (Ls+1,), (Lt+1,)
+    width_t = np.diff(et)                                                       # (Lt,)
+    rows, cols, vals = [], [], []
+    for i in range(len(ws)):
+        a, b = es[i], es[i + 1]
+        reach = KERNEL_HALF_WIDTH_SIGMA * extra[i] + width_t.max()
+        j = np.arange(np.searchsorted(wt, a - reach), np.searchsorted(wt, b + reach))
+        if not len(j):
+            continue
+        # the target pixel j's box (width d) broadened by N(0, extra): approximated by a Gaussian
+        # of variance extra^2 + d^2 / 12, its share inside [a, b], per Angstrom of source pixel
+        s = np.sqrt(extra[i] ** 2 + width_t[j] ** 2 / 12.0)
+        share = 0.5 * (erf((b - wt[j]) / (np.sqrt(2) * s)) - erf((a - wt[j]) / (np.sqrt(2) * s)))
+        w = share * width_t[j] / (b - a)
+        keep = w > 1e-8
+        rows.append(np.full(keep.sum(), i)); cols.append(j[keep]); vals.append(w[keep])
+    rows, cols, vals = (np.concatenate(v) if v else np.zeros(0) for v in (rows, cols, vals))
+    return scipy.sparse.csr_matrix((vals, (rows.astype(np.int64), cols.astype(np.int64))), shape=(len(ws), len(wt)))
+
+
+def spectrum_view(source: Spectrum, target: Spectrum) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+    """A (Ls, Lt) sparse: target-grid flux density -> the source spectrograph's pixels, and
+    `full` (Ls,) bool: the source pixels whose whole support lies on the target grid."""
+    a = _view_matrix(np.asarray(source.wavelength, np.float64).tobytes(),
+                     np.asarray(source.resolution, np.float32).tobytes(),
+                     np.asarray(target.wavelength, np.float64).tobytes(),
+                     np.asarray(target.resolution, np.float32).tobytes())
+    total = np.asarray(a.sum(1)).ravel()
+    full = total >= FULL_ROW
+    # rows normalised where nearly full: the erf approximation's sums are ~1 up to rounding
+    return scipy.sparse.diags(np.where(full, 1.0 / np.maximum(total, 1e-12), 0.0)) @ a, full
+
+
+def _noise_var(like: Spectrum) -> np.ndarray:
+    """(Lt,) the target's per-pixel noise variance; pixels without ivar get the median."""
+    good = (like.ivar > 0) & ~like.mask
+    var = np.where(good, 1.0 / np.where(good, like.ivar, 1.0), 0.0).astype(np.float64)
+    var[~good] = np.median(var[good]) if good.any() else 1.0
+    return var
+
+
+def line_profiles(like: Spectrum, redshift: float, sigma_v: float = LINE_SIGMA_V) -> tuple[list[str], np.ndarray]:
+    """The emission lines of `shards.sed.LINES` at `redshift` that fall on the grid of `like`:
+    their names and profiles G (Lt, K), unit line flux (1e-17 erg/s/cm^2) as flux density on
+    the pixels of `like`, a Gaussian of the instrument's line spread and `sigma_v` km/s in
+    quadrature, integrated over each pixel."""
+    wave = np.asarray(like.wavelength, np.float64)
+    edges = pixel_edges(wave)
+    inst = _line_sigma(wave, like.resolution)
+    names, cols = [], []
+    for name, rest in LINES.items():
+        centre = rest * (1.0 + redshift)
+        sig = float(np.hypot(np.interp(centre, wave, inst), centre * sigma_v / C_KMS))
+        if centre - 3 * sig < edges[0] or centre + 3 * sig > edges[-1]:
+            continue
+        g = 0.5 * (erf((edges[1:] - centre) / (np.sqrt(2) * sig)) - erf((edges[:-1] - centre) / (np.sqrt(2) * sig)))
+        g = np.where(np.abs(wave - centre) <= LINE_HALF_WIDTH_SIGMA * sig, g / np.diff(edges), 0.0)
+        names.append(name); cols.append(g)
+    return names, (np.stack(cols, 1) if cols else np.zeros((len(wave), 0)))
+
+
+class SpectrumRefinement:
+    """One object's refinement problem (the interface of `generate.consistency.Refinement`):
+    the source view, its weights and the fitted aperture ratio, the samples' mean and spread,
+    and with a redshift the emission-line profiles whose fluxes are free."""
+
+    def __init__(self, source: Spectrum, samples: Sequence[Spectrum], aperture_ratio: float | None = None,
+                 redshift: float | None = None):
+        if not samples:
+            raise ValueError("refine_translation: needs at least one sample of the target spectrum")
+        self.like = like = samples[0]
+        self.stack = np.stack([s.flux for s in samples]).astype(np.float64)      # (S, Lt)
+        self.mean = self.stack.mean(0)
+        self.spread = self.stack.var(0) if len(samples) > 1 else np.zeros_like(self.mean)
+        self.noise_var = _noise_var(like)
+        self.view, full = spectrum_view(source, like)
+        good = full & ~source.mask & (source.ivar > 0) & np.isfinite(source.flux)
+        self.w = np.where(good, source.ivar, 0.0).astype(np.float64)            # (Ls,)
+        self.data = np.where(good, source.flux, 0.0).astype(np.float64)
+        seen = self.view @ self.mean
+        den = float((self.w * seen ** 2).sum())
+        ratio = float((self.w * seen * self.data).sum()) / den if den > 0 else float("nan")
+        self.fitted_ratio = ratio
+        self.ratio = ratio if np.isfinite(ratio) and ratio > 0 else (aperture_ratio or 1.0)
+        self.lines, self.profiles = line_profiles(like, redshift) if redshift is not None and np.isfinite(redshift) \
+            else ([], np.zeros((len(self.mean), 0)))                            # names, (Lt, K)
+
+    def solve(self, centres: np.ndarray, widths: Sequence[tuple[float, float]]) -> np.ndarray:
+        """Posterior means (P, Lt) for prior means `centres` (P, Lt) and prior widths
+        [(floor, fraction)] * P: variance spread + (floor noise)^2 + (fraction mean)^2."""
+        a = self.ratio * self.view                                              # (Ls, Lt)
+        normal = (a.T @ scipy.sparse.diags(self.w) @ a).tocsc()                 # (Lt, Lt) banded
+        rhs_data = a.T @ (self.w * self.data)                                   # (Lt,)
+        g = scipy.sparse.csc_matrix(self.profiles)                              # (Lt, K)
+        k = g.shape[1]
+        out = []
+        for centre, (floor, frac) in zip(np.asarray(centres, np.float64), widths):
+            var = self.noise_var * floor ** 2 + self.spread + (frac * self.mean) ** 2
+            inv = 1.0 / np.maximum(var, 1e-12 * max(float(var.max()), 1e-30))     # (Lt,) D^-1
+            if not k:
+                lhs = normal + scipy.sparse.diags(inv, format="csc")
+                out.append(scipy.sparse.linalg.spsolve(lhs, rhs_data + centre * inv))
+                continue
+            # x = centre + G a + e, e ~ N(0, D), each line flux a_k free (a flat prior, kept
+            # invertible by a negligible ridge): the joint normal equations in (x, a)
+            dg = scipy.sparse.diags(inv) @ g                                     # (Lt, K)
+            gdg = (g.T @ dg).toarray()
+            ridge = scipy.sparse.diags(np.full(k, LINE_RIDGE * max(float(np.diag(gdg).max()), 1e-30)))
+            lhs = scipy.sparse.bmat([[normal + scipy.sparse.diags(inv), -dg],
+                                     [-dg.T, scipy.sparse.csc_matrix(gdg) + ridge]], format="csc")
+            rhs = np.concatenate([rhs_data + centre * inv, -(dg.T @ centre)])
+            out.append(scipy.sparse.linalg.spsolve(lhs, rhs)[:len(centre)])
+        return np.stack(out)

@@ -86,17 +86,18 @@ class Consistency:
     floor: float
     fraction: float = 0.0            # prior width also this fraction of the prior mean
     fit: dict | None = None          # "floor,fraction" -> median chi2 on the fitting pairs, when fitted
-    lines: bool = True               # spectra: fit emission-line fluxes where the redshift is known
+    line_ew: float | None = None     # spectra: the prior width of the emission lines' equivalent widths
+                                     # (Angstrom), fitted where the redshift is known; None: no lines
 
     def to_json(self) -> dict:
         terms = None if self.terms is None else {
             k: np.asarray(v).tolist() for k, v in dataclasses.asdict(self.terms).items()}
         return dict(source=self.source, target=self.target, floor=self.floor, fraction=self.fraction,
-                    terms=terms, fit=self.fit, lines=self.lines)
+                    terms=terms, fit=self.fit, line_ew=self.line_ew)
 
     @classmethod
     def from_json(cls, d: dict) -> "Consistency":
-        unknown = set(d) - {"source", "target", "floor", "fraction", "terms", "fit", "lines"}
+        unknown = set(d) - {"source", "target", "floor", "fraction", "terms", "fit", "line_ew"}
         if unknown:
             raise ValueError(f"Consistency: unknown key(s) {sorted(unknown)}")
         t = d.get("terms")
@@ -104,7 +105,7 @@ class Consistency:
             nearest=list(t["nearest"]), blue=list(t["blue"]), red=list(t["red"]), offset=np.asarray(t["offset"]),
             slope=np.asarray(t["slope"]), colour_range=np.asarray(t["colour_range"]))
         return cls(d["source"], d["target"], terms, float(d["floor"]), float(d.get("fraction", 0.0)), d.get("fit"),
-                   bool(d.get("lines", True)))
+                   d.get("line_ew"))
 
 
 class SourceView:
@@ -237,12 +238,10 @@ class Refinement:
 
 def refinement(source, samples: Sequence, consistency: Consistency, redshift: float | None = None):
     """One object's refinement problem for its kind: images (`Refinement`) or spectra
-    (`generate.spectrum_consistency.SpectrumRefinement`; `redshift` places the emission
-    lines, used where `consistency.lines`)."""
+    (`generate.spectrum_consistency.SpectrumRefinement`; `redshift` places the emission lines)."""
     if isinstance(source, Spectrum):
         from .spectrum_consistency import SpectrumRefinement
-        return SpectrumRefinement(source, samples, (consistency.fit or {}).get("aperture_ratio"),
-                                  redshift if consistency.lines else None)
+        return SpectrumRefinement(source, samples, (consistency.fit or {}).get("aperture_ratio"), redshift)
     return Refinement(source, samples, consistency.terms)
 
 
@@ -271,7 +270,7 @@ def refine_translation(source: Image | Spectrum, samples: Sequence, consistency:
     problem = refinement(source, samples, consistency, redshift)
     centres = problem.stack if priors is None else np.stack([np.asarray(p, np.float64) for p in priors])
     widths = [(consistency.floor, consistency.fraction)] * len(centres)
-    refined = problem.solve(centres, widths) if isinstance(source, Spectrum) else \
+    refined = problem.solve(centres, widths, consistency.line_ew) if isinstance(source, Spectrum) else \
         problem.solve(centres, widths, iterations, tol)
     return [dataclasses.replace(problem.like, flux=r.astype(np.float32)) for r in refined]
 
@@ -296,8 +295,8 @@ def conjugate_gradients(op, rhs: torch.Tensor, iterations: int, tol: float) -> t
     return u
 
 
-def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Sequence[float] = FLOORS,
-                    fractions: Sequence[float] = FRACTIONS, n_samples: int = 8, seed: int = 0,
+def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Sequence[float] | None = None,
+                    fractions: Sequence[float] | None = None, n_samples: int = 8, seed: int = 0,
                     **schedule) -> Consistency:
     """Colour equations (target -> source bands, from the pairs' total fluxes) and the prior
     width (floor, fraction) of the grid floors x fractions whose refined translations (mean
@@ -311,28 +310,30 @@ def fit_consistency(pipe, pairs: Sequence, source: str, target: str, floors: Seq
 
 
 def fit_prior_width(pairs: Sequence, priors: Sequence[Sequence[Image]], source: str, target: str,
-                    floors: Sequence[float] = FLOORS, fractions: Sequence[float] = FRACTIONS) -> Consistency:
+                    floors: Sequence[float] | None = None, fractions: Sequence[float] | None = None) -> Consistency:
     """`fit_consistency` for given prior images: priors[i] are the target-survey Images (the
     samples) of pairs[i], from the model or from anything else (e.g. the classical baseline,
-    to measure what the refinement alone buys)."""
+    to measure what the refinement alone buys). Spectra: `spectrum_consistency.fit_spectrum_width`."""
     src0, tgt0 = pairs[0].records[source], pairs[0].records[target]
-    spectra = isinstance(src0, Spectrum)
-    terms = None if spectra else \
-        fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
+    if isinstance(src0, Spectrum):
+        from .spectrum_consistency import fit_spectrum_width
+        return fit_spectrum_width(pairs, priors, source, target, floors, fractions)
+    floors, fractions = floors or FLOORS, fractions or FRACTIONS
+    terms = fit_colour_terms([(s.records[target], s.records[source]) for s in pairs], tgt0.bands, src0.bands)
     widths = [(float(f), float(r)) for f in floors for r in fractions]
-    chi, ratios = [], []                                                      # (objects, widths), (objects,)
+    chi = []                                                                  # (objects, widths)
     for s, g in zip(pairs, priors):
-        problem = refinement(s.records[source], g, Consistency(source, target, terms, 1.0), known_redshift(s))
-        ratios.append(getattr(problem, "fitted_ratio", np.nan))
+        problem = Refinement(s.records[source], g, terms)
         means = problem.solve(np.repeat(problem.mean[None], len(widths), 0), widths)
-        t = s.records[target]
-        good = ~t.mask & (t.ivar > 0)
-        chi.append([float(np.mean((m[good] - t.flux[good]) ** 2 * t.ivar[good])) for m in means])
+        chi.append([chi2_vs_observed(m, s.records[target]) for m in means])
     scores = np.median(np.array(chi), 0)
     floor, fraction = widths[int(np.argmin(scores))]
-    fit = dict(n_objects=len(pairs), n_samples=len(priors[0]),
-               median_chi2_vs_observed={f"{f:g},{r:g}": float(c) for (f, r), c in zip(widths, scores)})
-    if spectra:   # the fallback aperture ratio for objects whose own cannot be fitted
-        good = np.array(ratios)[np.isfinite(ratios) & (np.array(ratios) > 0)]
-        fit["aperture_ratio"] = float(np.median(good)) if len(good) else 1.0
-    return Consistency(source, target, terms, floor, fraction=fraction, fit=fit)
+    return Consistency(source, target, terms, floor, fraction=fraction, fit=dict(
+        n_objects=len(pairs), n_samples=len(priors[0]),
+        median_chi2_vs_observed={f"{f:g},{r:g}": float(c) for (f, r), c in zip(widths, scores)}))
+
+
+def chi2_vs_observed(model: np.ndarray, observed) -> float:
+    """Mean chi2 per good pixel of `model` against the observed record (Image or Spectrum)."""
+    good = ~observed.mask & (observed.ivar > 0)
+    return float(np.mean((model[good] - observed.flux[good]) ** 2 * observed.ivar[good]))

@@ -45,8 +45,8 @@ from .baselines import catalog_profile_image, fit_colour_terms, fit_psf_regulari
 from .consistency import fit_consistency, fit_prior_width, known_redshift, refine_translation
 from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
-from .photoz import (SDSS_BANDS, catalog_samples, coverage, flux_features, gradient_boosting, read_sdss_catalog,
-                     redshift_metrics, train_catalog_fm)
+from .photoz import (SDSS_BANDS, bootstrap_win_rate, catalog_samples, coverage, flux_features, gradient_boosting,
+                     read_sdss_catalog, redshift_metrics, train_catalog_fm)
 from .probe import LinearProbe
 
 FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
@@ -214,8 +214,9 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
     return dict(n=len(test), chi2_fm=chi_fm, chi2_fm_consistent=_median(fm_dc), chi2_baseline=chi_base,
                 ratio_fm_to_baseline=chi_fm / chi_base,
                 consistency=None if cons is None else dict(floor=cons.floor, fraction=cons.fraction,
+                                                           line_ew=cons.line_ew, n_pairs=len(pairs),
                                                            aperture_ratio=cons.fit.get("aperture_ratio"),
-                                                           n_pairs=len(pairs)),
+                                                           n_lines_fit=cons.fit.get("n_lines")),
                 n_with_redshift=sum(known_redshift(s) is not None for s in test), line_flux_error=line_errors)
 
 
@@ -307,8 +308,19 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
         return out
     z_train = np.array([s.records[key].value for s in train])
     gb = gradient_boosting(_flux_table(train), z_train, seed)
-    out["baseline_gb_fluxes"] = dict(redshift_metrics(gb.predict(_flux_table(test)), z), n_labels=len(train),
+    z_gb = gb.predict(_flux_table(test))
+    out["baseline_gb_fluxes"] = dict(redshift_metrics(z_gb, z), n_labels=len(train),
                                      method="sklearn HistGradientBoostingRegressor on asinh magnitudes + colours")
+    # the embeddings as features for downstream science: the same gradient boosting, same labels,
+    # with the FM encoder's pooled embedding of the image beside the fluxes
+    img = [g for g in given if g.startswith("image.")]
+    if img:
+        feats = lambda objs: np.hstack([_flux_table(objs), pipe.embed(objs, img)])          # noqa: E731
+        z_emb = gradient_boosting(feats(train), z_train, seed).predict(feats(test))
+        out["gb_fluxes_and_embeddings"] = dict(
+            redshift_metrics(z_emb, z), n_labels=len(train), embedded=img,
+            bootstrap_win_rate_vs_gb_fluxes=bootstrap_win_rate(z_emb, z_gb, z),
+            method="the same gradient boosting on the fluxes' features + the pooled encoder embedding of the image")
     rng = np.random.default_rng(seed)
     few = rng.choice(len(train), max(5, int(round(label_fraction * len(train)))), replace=False)
     emb_train, emb_test = pipe.embed([train[i] for i in few], given), pipe.embed(test, given)

@@ -38,6 +38,16 @@ def redshift_metrics(z_pred, z_true) -> dict:
                 n=int(len(dz)))
 
 
+def bootstrap_win_rate(z_a, z_b, z_true, n: int = 1000, seed: int = 0) -> float:
+    """Fraction of `n` paired bootstrap resamplings of the objects on which predictions `z_a`
+    have the smaller sigma_NMAD than `z_b` (about 0.5: no difference; > 0.95: a clear win)."""
+    z_a, z_b, z_true = (np.asarray(v, np.float64) for v in (z_a, z_b, z_true))
+    da, db = (z_a - z_true) / (1 + z_true), (z_b - z_true) / (1 + z_true)
+    idx = np.random.default_rng(seed).integers(0, len(z_true), (n, len(z_true)))              # (n, N)
+    nmad = lambda d: np.median(np.abs(d - np.median(d, 1, keepdims=True)), 1)                 # noqa: E731
+    return float(np.mean(nmad(da[idx]) < nmad(db[idx])))
+
+
 def coverage(lo, hi, truth) -> float:
     """Fraction of true values inside [lo, hi]."""
     truth = np.asarray(truth)

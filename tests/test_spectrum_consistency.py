@@ -91,17 +91,17 @@ def test_refinement_recovers_emission_lines_at_a_known_redshift(pairs):
             np.testing.assert_allclose(lines.flux[beyond], prior.flux[beyond], rtol=1e-3, atol=1e-3)
     assert len(rel["lines"]) >= 3
     med = {k: float(np.median(v)) for k, v in rel.items()}
-    assert med["prior"] > 0.9 and med["lines"] < 0.7 and med["lines"] < med["pixels"] - 0.25, med   # 0.99 / 0.97 / 0.41
-    assert np.median(chi2) < 0.2                                               # 0.05
+    assert med["prior"] > 0.9 and med["lines"] < 0.7 and med["lines"] < med["pixels"] - 0.25, med   # 0.99 / 0.97 / 0.38
+    assert np.median(chi2) < 0.2                                               # 0.03
 
 
 def test_fit_prior_width_on_spectra_keeps_the_aperture_ratio_and_round_trips(pairs):
     priors = [[dataclasses.replace(s.records[DESI], flux=_lineless(s).astype(np.float32))] for s in pairs]
     cons = fit_prior_width(pairs, priors, SDSS, DESI, floors=(0.5, 2.0), fractions=(0.0, 0.2))
-    assert cons.terms is None and cons.floor in (0.5, 2.0) and cons.line_ew in (0.3, 1.0, 3.0, 10.0, 30.0)
+    assert cons.terms is None and cons.floor in (0.5, 2.0) and cons.line_ew in (None, 0.3, 1.0, 3.0, 10.0, 30.0)
     assert 1.0 < cons.fit["aperture_ratio"] < 2.5 and len(cons.fit["median_chi2_vs_observed"]) == 4
     back = Consistency.from_json(cons.to_json())
     assert (back.floor, back.fraction, back.line_ew, back.fit) == (cons.floor, cons.fraction, cons.line_ew, cons.fit)
-    assert cons.fit["n_lines"] > 0 and len(cons.fit["line_mse_vs_observed"]) == 5
+    assert cons.fit["n_lines"] > 0 and len(cons.fit["line_mse_vs_observed"]) == 6
     with pytest.raises(ValueError, match="unknown key"):
         Consistency.from_json({**cons.to_json(), "lines": False})

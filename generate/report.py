@@ -98,8 +98,10 @@ def render_markdown(r: dict) -> str:
         *([f"Data consistency (`generate.spectrum_consistency`): the prior is the model's spectrum with "
            f"{_fmt(s['consistency']['floor'])} x the DESI-like noise plus {_fmt(s['consistency']['fraction'])} x "
            f"the spectrum (fitted on {s['consistency']['n_pairs']} training objects' observations) and, where the "
-           f"object's redshift is known ({s.get('n_with_redshift')} of {s['n']}), free emission-line fluxes; the "
-           "likelihood is the SDSS-like spectrum seen through its line spread, pixels and fibre aperture.", ""]
+           f"object's redshift is known ({s.get('n_with_redshift')} of {s['n']}), emission-line fluxes with a prior "
+           f"equivalent-width width of {_fmt(s['consistency'].get('line_ew'))} A (fitted on the same objects' observed "
+           "lines; None = no line terms); the likelihood is the SDSS-like spectrum seen through its line spread, "
+           "pixels and fibre aperture.", ""]
           if s.get("consistency") else []),
         "Emission-line flux error against the noiseless truth (lines the truth holds at >= 3 sigma): "
         "median |error| in units of the DESI-like line-flux noise, and median |error| / true line flux "

@@ -520,3 +520,32 @@ def test_neighbour_weights_take_away_the_upward_pull_on_faint_light():
     own, neighbours = fit(s ** 2 + obs ** 2), fit(s ** 2 + neighbour_mean(obs, good) ** 2)
     assert own - plain > 0.05                                             # pulled up
     assert abs(neighbours - plain) < 0.01
+
+
+@pytest.mark.parametrize("weights_from", ["data", "neighbours"])
+def test_flux_residual_fits_faint_light_without_bias(weights_from):
+    """Faint light (S/N 2 per pixel, where arcsinh bends): the best constant reconstruction
+    under the 'flux' residual is the true surface brightness; under the 'asinh' residual it
+    is E[asinh(noisy)] (Jensen), plus the upward pull of the data weights. Fitted by
+    gradient descent through the tokenizer's own pixel_chi2."""
+    g = np.random.default_rng(0)
+    s, sigma, truth = 0.05, 0.05, 0.1                                       # nmgy/arcsec^2; pixel_scale 1, zp 22.5
+    flux = (truth + sigma * g.standard_normal((4, 32, 32))).astype(np.float32)
+    rec = Image(flux=flux, ivar=np.full_like(flux, sigma ** -2), mask=np.zeros(flux.shape, bool),
+                bands=("des.g", "des.r", "des.i", "des.z"), pixel_scale=1.0, survey="des", zero_point=22.5,
+                psf_fwhm=np.ones(4, np.float32), object_id="faint")
+    fitted = {}
+    for residual in ("asinh", "flux"):
+        tok = _image_tok(residual=residual, weights_from=weights_from, softening=s)
+        batch = tok._prepare([rec])
+        c = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([c], lr=0.05)
+        for _ in range(400):
+            opt.zero_grad()
+            tok.pixel_chi2(c.expand_as(batch["x"]), batch).backward()
+            opt.step()
+        fitted[residual] = s * float(torch.sinh(c.detach()))                # the fitted surface brightness
+    assert fitted["flux"] == pytest.approx(flux.mean(), rel=0.02)           # the data's mean: unbiased
+    assert abs(fitted["asinh"] - truth) > 0.05 * truth                      # biased by > 5%
+    with pytest.raises(ValueError, match="residual"):
+        _image_tok(residual="log")

@@ -90,6 +90,10 @@ class ImageConfig:
                                     # fluctuations more, faint wings come out ~0.1 sigma per pixel too bright)
                                     # or 'neighbours', the mean of its 8 neighbours (independent noise): a
                                     # better round trip, but the tiny FM on its tokens did worse (README)
+    residual: str = "asinh"         # 'asinh': the chi-square of x_hat - x with x's weight (above); 'flux': of
+                                    # sb_hat - sb in surface brightness with sigma_sb^2 + min_sigma^2 (s^2 +
+                                    # sb_w^2) as the variance: linear in the data, so no Jensen bias where
+                                    # asinh bends (S/N 1-10), and with 'neighbours' no weight bias either
     photometry_weight: float = 0.0  # weight of the block-photometry chi-square (0 = pixel chi-square only).
                                     # Tiny config, weights_from data, 2 seeds: 0.3 on whole stamps (floor 0.05) took
                                     # stamp flux pulls from 2.4-5.5 to 0.9-1.9 sigma (DES) but chi2 vs truth
@@ -143,6 +147,8 @@ class ImageTokenizer(Tokenizer):
                              f"mix_tokens >= 0; got {c}")
         if c.weights_from not in ("neighbours", "data"):
             raise ValueError(f"ImageConfig.weights_from must be 'neighbours' or 'data', got {c.weights_from!r}")
+        if c.residual not in ("asinh", "flux"):
+            raise ValueError(f"ImageConfig.residual must be 'asinh' or 'flux', got {c.residual!r}")
         if c.photometry_weight < 0 or c.photometry_floor < 0 or \
                 any(k < 1 or c.size % k for k in c.photometry_blocks):
             raise ValueError(f"ImageConfig: need photometry_weight >= 0, photometry_floor >= 0 and "
@@ -243,9 +249,13 @@ class ImageTokenizer(Tokenizer):
         sb = flux * factor                                               # (B, C, H, W) nmgy/arcsec^2
         x = torch.asinh(sb / s)
         sb_w = neighbour_mean(sb, good) if self.config.weights_from == "neighbours" else sb
-        w = ivar / factor ** 2 * (s ** 2 + sb_w ** 2)                    # propagated ivar of x at sb_w
-        w = torch.where(good, w.clamp(max=self.config.min_sigma ** -2), torch.zeros_like(w))
-        return dict(x=x, w=w, good=good, flux=flux, ivar=ivar, factor=factor, feat=feat, present=present)
+        ivar_sb = ivar / factor ** 2
+        if self.config.residual == "flux":   # weight of sb: 1 / (sigma_sb^2 + (min_sigma sqrt(s^2 + sb_w^2))^2)
+            w = ivar_sb / (1 + ivar_sb * self.config.min_sigma ** 2 * (s ** 2 + sb_w ** 2))
+        else:                                # propagated ivar of x at sb_w, capped
+            w = (ivar_sb * (s ** 2 + sb_w ** 2)).clamp(max=self.config.min_sigma ** -2)
+        w = torch.where(good, w, torch.zeros_like(w))
+        return dict(x=x, sb=sb, w=w, good=good, flux=flux, ivar=ivar, factor=factor, feat=feat, present=present)
 
     # -- the network -------------------------------------------------------------------
     def encode_latent(self, x: torch.Tensor, good: torch.Tensor, feat: torch.Tensor,
@@ -327,9 +337,9 @@ class ImageTokenizer(Tokenizer):
         z_q, ids, aux = self.quantizer(z)
         x_hat = self.decode_latent(z_q, batch["feat"])                   # (B, C, H, W)
         n_good = batch["good"].sum().clamp_min(1)
+        chi2 = self.pixel_chi2(x_hat, batch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.photometry_weight > 0):
             flux_hat = self.config.softening * torch.sinh(x_hat.clamp(-30, 30)) / batch["factor"]   # (B, C, H, W)
-        chi2 = (batch["w"] * (x_hat - batch["x"]) ** 2).sum() / n_good
         with torch.no_grad():  # the same in survey flux units, unclipped: the figure to report
             chi2_flux = (batch["ivar"] * (flux_hat - batch["flux"]) ** 2).sum() / n_good
         metrics = {"recon": float(chi2.detach()), "chi2_flux": float(chi2_flux)}
@@ -340,6 +350,16 @@ class ImageTokenizer(Tokenizer):
             loss = loss + self.config.photometry_weight * phot
             metrics["photometry"] = float(phot.detach())
         return loss, {**metrics, **self.quantizer.usage(ids)}
+
+    def pixel_chi2(self, x_hat: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reconstruction term: x_hat (B, C, H, W) in arcsinh units against `_prepare`'s
+        batch, summed with its weights over the good pixels / their number (config.residual
+        picks arcsinh or surface-brightness residuals)."""
+        n_good = batch["good"].sum().clamp_min(1)
+        if self.config.residual == "flux":
+            sb_hat = self.config.softening * torch.sinh(x_hat.clamp(-30, 30))   # (B, C, H, W)
+            return (batch["w"] * (sb_hat - batch["sb"]) ** 2).sum() / n_good
+        return (batch["w"] * (x_hat - batch["x"]) ** 2).sum() / n_good
 
     @torch.no_grad()
     def reduced_chi2(self, records) -> np.ndarray:

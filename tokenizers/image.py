@@ -42,8 +42,12 @@ grows with the pixel's own noisy sb favours its upward fluctuations, and faint g
 wings come out ~0.1 sigma per pixel too bright, which over a 32 x 32 stamp is 2-5 sigma
 of its photometry; `weights_from: neighbours` takes the sb of the weight from the mean
 of the pixel's 8 neighbours instead (`neighbour_mean`), which removes that bias, but the
-tiny FM trained on those tokens did worse (README), so 'data' stays the default. With
-`photometry_weight` > 0 the chi-square of k x k block sums of the residual is added
+tiny FM trained on those tokens did worse (README), so 'data' stays the default. A
+chi-square in x is also biased where arcsinh bends (S/N 1-10 per pixel): its best fit is
+E[arcsinh(noisy sb)], not arcsinh(true sb). With `residual: flux` the residual is taken in
+sb itself, sb_hat - sb, with variance sigma_sb^2 + min_sigma^2 (softening^2 + sb_w^2) (the
+same floor, in sb), which is linear in the data and so unbiased with 'neighbours'
+(`pixel_chi2`; measured in the README). With `photometry_weight` > 0 the chi-square of k x k block sums of the residual is added
 (`block_photometry_chi2`).
 """
 from __future__ import annotations

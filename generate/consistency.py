@@ -67,6 +67,7 @@ from ..shards.schema import Image, Spectrum
 from .baselines import (ColourTerms, _moffat_beta, aperture_fluxes, box_otf, fit_colour_terms, nearest_band,
                         stamp_centre)
 from ..shards.render import moffat_otf
+from .measure import noise_variance
 
 MARGIN_ARCSEC = 1.0        # unknown image beyond the source stamp, each side
 KERNEL_REGULARISER = 1e-3  # lambda of the target -> source PSF kernel
@@ -180,15 +181,6 @@ class SourceView:
         return out
 
 
-def _target_noise_var(like: Image) -> np.ndarray:
-    """(Ct, h, w) the target's per-pixel noise variance; pixels without ivar get the band's median."""
-    good = like.ivar > 0
-    var = np.where(good, 1.0 / np.where(good, like.ivar, 1.0), 0.0).astype(np.float64)
-    for j in range(var.shape[0]):
-        var[j][~good[j]] = np.median(var[j][good[j]]) if good[j].any() else 1.0
-    return var
-
-
 class Refinement:
     """One object's refinement problem: the source view (its shift fitted to the samples'
     mean), the source data and weights, and the samples' mean and spread."""
@@ -200,7 +192,7 @@ class Refinement:
         self.stack = np.stack([s.flux for s in samples]).astype(np.float64)   # (S, Ct, h, w)
         self.mean = self.stack.mean(0)
         self.spread = self.stack.var(0) if len(samples) > 1 else np.zeros_like(self.mean)
-        self.noise_var = _target_noise_var(like)                              # (Ct, h, w)
+        self.noise_var = noise_variance(like.ivar, like.ivar > 0)                              # (Ct, h, w)
         ratios = np.ones(len(source.bands)) if terms is None else \
             terms.flux_ratios(aperture_fluxes(dataclasses.replace(like, flux=self.mean.astype(np.float32))))
         self.view = SourceView(source, like, ratios)

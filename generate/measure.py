@@ -81,11 +81,29 @@ def half_light_radius(plane: np.ndarray, pixel_scale: float) -> float:
     return float(r[order][min(k, len(r) - 1)] * pixel_scale)
 
 
+def instrument_sigma(wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
+    """Gaussian sigma (Angstrom) of the line spread at `wavelength` for resolving power
+    `resolution` (same shape; R < 1 is taken as 1)."""
+    return np.asarray(wavelength, np.float64) / (np.clip(np.asarray(resolution, np.float64), 1.0, None)
+                                                 * FWHM_PER_SIGMA)
+
+
 def line_sigma(wavelength_obs: float, spectrum: Spectrum, sigma_v: float) -> float:
     """Gaussian sigma (Angstrom) of a line at `wavelength_obs` seen by this spectrum."""
     resolution = float(np.interp(wavelength_obs, spectrum.wavelength, np.asarray(spectrum.resolution)))
-    inst = wavelength_obs / resolution / FWHM_PER_SIGMA
+    inst = float(instrument_sigma(wavelength_obs, resolution))
     return float(np.hypot(inst, wavelength_obs * sigma_v / C_KMS))
+
+
+def noise_variance(ivar: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Per-pixel noise variance 1 / ivar (float64, the shape of ivar); a pixel that is not
+    `good` gets the median of its plane's good ones (the plane: each index of the first axis
+    of an image (C, H, W); the whole of a 1-d spectrum), 1 where a plane has none."""
+    var = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0).astype(np.float64)
+    planes, goods = (var[None], good[None]) if var.ndim == 1 else (var, good)
+    for v, g in zip(planes, goods):          # views: filled in place
+        v[~g] = np.median(v[g]) if g.any() else 1.0
+    return var
 
 
 def line_fluxes(spectrum: Spectrum, z: float, sigma_v: float = 100.0,

@@ -69,8 +69,9 @@ import scipy.sparse.linalg
 from scipy.special import erf
 
 from ..shards.schema import Spectrum
-from ..shards.sed import C_KMS, FWHM_PER_SIGMA, LINES
+from ..shards.sed import C_KMS, LINES
 from ..tokenizers.resample import pixel_edges
+from .measure import instrument_sigma, line_fluxes, noise_variance
 
 KERNEL_HALF_WIDTH_SIGMA = 5.0        # the broadening kernel is cut here
 FULL_ROW = 0.999                     # a source pixel is used if its row of A sums to at least this
@@ -87,16 +88,11 @@ CONTINUUM_SIGMA_A = 15.0             # Angstrom, the free local continuum under 
 LINE_RIDGE = 1e-9                    # the line fluxes' flat prior, relative to their data term
 
 
-def _line_sigma(wavelength: np.ndarray, resolution: np.ndarray) -> np.ndarray:
-    """(L,) Gaussian sigma of the line spread, Angstrom."""
-    return wavelength / (np.clip(np.asarray(resolution, np.float64), 1.0, None) * FWHM_PER_SIGMA)
-
-
 @lru_cache(maxsize=8)
 def _view_matrix(src_wave: bytes, src_res: bytes, tgt_wave: bytes, tgt_res: bytes) -> scipy.sparse.csr_matrix:
     ws, wt = np.frombuffer(src_wave), np.frombuffer(tgt_wave)                  # (Ls,), (Lt,) Angstrom
-    sig_s = _line_sigma(ws, np.frombuffer(src_res, np.float32))
-    sig_t = np.interp(ws, wt, _line_sigma(wt, np.frombuffer(tgt_res, np.float32)))
+    sig_s = instrument_sigma(ws, np.frombuffer(src_res, np.float32))
+    sig_t = np.interp(ws, wt, instrument_sigma(wt, np.frombuffer(tgt_res, np.float32)))
     extra = np.sqrt(np.clip(sig_s ** 2 - sig_t ** 2, 0.0, None))               # (Ls,) broadening, A
     es, et = pixel_edges(ws), pixel_edges(wt)                                   # (Ls+1,), (Lt+1,)
     width_t = np.diff(et)                                                       # (Lt,)
@@ -131,14 +127,6 @@ def spectrum_view(source: Spectrum, target: Spectrum) -> tuple[scipy.sparse.csr_
     return scipy.sparse.diags(np.where(full, 1.0 / np.maximum(total, 1e-12), 0.0)) @ a, full
 
 
-def _noise_var(like: Spectrum) -> np.ndarray:
-    """(Lt,) the target's per-pixel noise variance; pixels without ivar get the median."""
-    good = (like.ivar > 0) & ~like.mask
-    var = np.where(good, 1.0 / np.where(good, like.ivar, 1.0), 0.0).astype(np.float64)
-    var[~good] = np.median(var[good]) if good.any() else 1.0
-    return var
-
-
 def line_profiles(like: Spectrum, redshift: float, sigma_v: float = LINE_SIGMA_V) -> tuple[list[str], np.ndarray]:
     """The emission lines of `shards.sed.LINES` at `redshift` that fall on the grid of `like`:
     their names and profiles G (Lt, K), unit line flux (1e-17 erg/s/cm^2) as flux density on
@@ -146,7 +134,7 @@ def line_profiles(like: Spectrum, redshift: float, sigma_v: float = LINE_SIGMA_V
     quadrature, integrated over each pixel."""
     wave = np.asarray(like.wavelength, np.float64)
     edges = pixel_edges(wave)
-    inst = _line_sigma(wave, like.resolution)
+    inst = instrument_sigma(wave, like.resolution)
     names, cols = [], []
     for name, rest in LINES.items():
         centre = rest * (1.0 + redshift)
@@ -190,7 +178,7 @@ class SpectrumRefinement:
         self.stack = np.stack([s.flux for s in samples]).astype(np.float64)      # (S, Lt)
         self.mean = self.stack.mean(0)
         self.spread = self.stack.var(0) if len(samples) > 1 else np.zeros_like(self.mean)
-        self.noise_var = _noise_var(like)
+        self.noise_var = noise_variance(like.ivar, (like.ivar > 0) & ~like.mask)   # (Lt,)
         self.view, full = spectrum_view(source, like)
         good = full & ~source.mask & (source.ivar > 0) & np.isfinite(source.flux)
         self.w = np.where(good, source.ivar, 0.0).astype(np.float64)            # (Ls,)
@@ -270,7 +258,6 @@ def fit_spectrum_width(pairs: Sequence, priors: Sequence[Sequence[Spectrum]], so
     ranks the priors as the truth's line fluxes would), over the pairs with a catalog
     redshift; with none, line_ew stays None. Also the pairs' median aperture ratio."""
     from .consistency import Consistency, chi2_vs_observed, known_redshift
-    from .measure import line_fluxes
     floors, fractions = floors or SPECTRUM_FLOORS, fractions or SPECTRUM_FRACTIONS
     widths = [(float(f), float(r)) for f in floors for r in fractions]
     problems = [SpectrumRefinement(s.records[source], g, None, known_redshift(s)) for s, g in zip(pairs, priors)]

@@ -92,12 +92,14 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
     need = given[:1] + (targets[-1:] if args.need_target else [])
     samples = load_samples(args.data, args.n, need=need)
     chain = pipe.sample_chain(samples, given, schedule, n_samples=args.samples, seed=args.seed)
+    model_draws: dict[str, list] = {}   # object id -> the model's draws of the target before --consistency
     if getattr(args, "consistency", None):
         if len(given) != 1 or len(targets) != 1:
             raise SystemExit("--consistency: from one given image (spectrum) to one target image (spectrum)")
         from .consistency import known_redshift, refine_translation
         cons = load_consistency(pipe, args, given[0], targets[0])
         for s, draws in zip(samples, chain):
+            model_draws[s.object_id] = [d[targets[0]] for d in draws]       # before: shown beside the pulled
             refined = refine_translation(s.records[given[0]], [d[targets[0]] for d in draws], cons,
                                          redshift=known_redshift(s))
             for d, r in zip(draws, refined):
@@ -127,9 +129,17 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
                 if truth_rec is not None and truth_flux is not None:
                     truth_obs = dataclasses.replace(truth_rec, flux=truth_flux, mask=np.zeros_like(truth_rec.mask))
                     row[f"chi2_vs_truth.{target}"] = reduced_chi2(gen[0].flux, truth_flux, truth_rec.ivar, truth_rec.mask)
+                    if oid in model_draws and target == targets[0]:
+                        row[f"chi2_vs_truth_model.{target}"] = reduced_chi2(
+                            model_draws[oid][0].flux, truth_flux, truth_rec.ivar, truth_rec.mask)
                 src = next((s.records[g] for g in given if g in s.records and modality_kind(g) == kind), None)
-                figure = image_figure if kind == "image" else spectrum_figure
-                figure(out / f"{oid}.{target}.png", src, gen, truth_obs, title=f"{oid}: {', '.join(given)} -> {target}")
+                title = f"{oid}: {', '.join(given)} -> {target}"
+                if kind == "spectrum" and oid in model_draws and target == targets[0]:   # the model's and the pulled
+                    spectrum_figure(out / f"{oid}.{target}.png", src, model_draws[oid], truth_obs, title=title,
+                                    refined=gen)
+                else:
+                    figure = image_figure if kind == "image" else spectrum_figure
+                    figure(out / f"{oid}.{target}.png", src, gen, truth_obs, title=title)
             else:
                 row[f"values.{target}"] = [float(g.value) for g in gen]
                 if truth_rec is not None:
@@ -141,6 +151,9 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
         chi = [r[f"chi2_vs_truth.{target}"] for r in rows if f"chi2_vs_truth.{target}" in r]
         if chi:
             summary[f"median_chi2_vs_truth.{target}"] = float(np.median(chi))
+        chi = [r[f"chi2_vs_truth_model.{target}"] for r in rows if f"chi2_vs_truth_model.{target}" in r]
+        if chi:   # the model's own draws, before --consistency pulled them to the given data
+            summary[f"median_chi2_vs_truth_model.{target}"] = float(np.median(chi))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -265,6 +265,11 @@ def test_cli_superres_with_data_consistency_fits_then_reuses_it(tiny_models, sky
                           "--consistency", "consistency.json", "sr_dc", "spectrum.desi")
     assert cons["source"] == "spectrum.sdss" and cons["terms"] is None and "line_ew" in cons
     assert cons["fit"]["n_objects"] == 6 and cons["fit"]["aperture_ratio"] > 0   # the untrained model: 1 (fallback)
+    # the summary keeps the model's own draws' chi2 (the plain run's, same seed) beside the pulled ones'
+    plain_sum, dc_sum = (json.loads((tiny_models / d / "summary.json").read_text()) for d in ("sr_dc_plain", "sr_dc"))
+    assert dc_sum["median_chi2_vs_truth_model.spectrum.desi"] == pytest.approx(
+        plain_sum["median_chi2_vs_truth.spectrum.desi"], rel=1e-6)
+    assert "median_chi2_vs_truth_model.spectrum.desi" not in plain_sum
     sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
     objs = load_samples(str(sky_shards), 2, need=["spectrum.sdss", "spectrum.desi", "scalar.redshift"])
     c = Consistency.from_json(cons)

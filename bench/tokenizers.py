@@ -81,6 +81,32 @@ def flux_pull(flux_hat: np.ndarray, target: np.ndarray, rec) -> float:
     return float(np.median(np.abs(diff) / np.maximum(sigma, 1e-30)))
 
 
+SNR_BINS = (0.0, 0.3, 1.0, 3.0, 10.0, np.inf)   # the truth's S/N per pixel
+
+
+def residual_by_snr(flux_hats, truths, recs) -> dict:
+    """Where a reconstruction's chi2 against the truth comes from: over every good pixel of
+    every record, binned by the truth's S/N per pixel (SNR_BINS), the mean and rms of the
+    residual in sigma (a mean far from 0 is a bias, e.g. faint light too bright), the bin's
+    share of the pixels and of the summed chi2."""
+    res, snr = [], []
+    for f, t, r in zip(flux_hats, truths, recs):
+        ok = ~r.mask & (r.ivar > 0)
+        sd = np.sqrt(np.where(ok, r.ivar, 0))
+        res.append(((f - np.where(ok, t, 0)) * sd)[ok])
+        snr.append((np.abs(np.where(ok, t, 0)) * sd)[ok])
+    res, snr = np.concatenate(res), np.concatenate(snr)
+    total = max(float((res ** 2).sum()), 1e-300)
+    out = {}
+    for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
+        m = (snr >= lo) & (snr < hi)
+        r = res[m]
+        out[f"{lo:g}-{hi:g}"] = dict(mean=round(float(r.mean()), 3) if m.any() else None,
+                                     rms=round(float(np.sqrt((r ** 2).mean())), 3) if m.any() else None,
+                                     pixels=round(float(m.mean()), 4), chi2_share=round(float((r ** 2).sum()) / total, 4))
+    return out
+
+
 def code_use(ids: np.ndarray, vocab: int) -> dict:
     counts = np.bincount(ids.reshape(-1), minlength=vocab).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
@@ -175,7 +201,9 @@ def pca_images(train: list[Image], test: list[Image], bits: float, truth=None) -
                 row["chi2_truth"] = med([chi2(f, t, r) for f, t, r in zip(flux_hat, truth, test)])
                 row["flux_pull_truth"] = med([flux_pull(f, t, r) for f, t, r in zip(flux_hat, truth, test)])
             if best is None or row[criterion(truth)] < best[criterion(truth)]:
-                best = row
+                best, best_flux = row, flux_hat
+    if truth is not None:
+        best["residual_by_snr"] = residual_by_snr(best_flux, truth, test)
     return best
 
 
@@ -199,6 +227,7 @@ def bench_images(tok, train_samples, sim_samples, real: dict[str, list[Image]]) 
         if truth is not None:
             row["chi2_truth"] = med([chi2(d.flux, t, r) for d, t, r in zip(decoded, truth, recs)])
             row["flux_pull_truth"] = med([flux_pull(d.flux, t, r) for d, t, r in zip(decoded, truth, recs)])
+            row["residual_by_snr"] = residual_by_snr([d.flux for d in decoded], truth, recs)
         planes = training_planes(train, recs[0].bands)
         if planes is not None:
             row["pca"] = pca_images(planes, recs, bits, truth)
@@ -246,7 +275,9 @@ def pca_spectra(train: list[Spectrum], test: list[Spectrum], bits: float, tok, t
             if truth is not None:
                 row["chi2_truth"] = med([chi2(f, t, r) for f, t, r in zip(flux_hat, truth, test)])
             if best is None or row[criterion(truth)] < best[criterion(truth)]:
-                best = row
+                best, best_flux = row, flux_hat
+    if truth is not None:
+        best["residual_by_snr"] = residual_by_snr(best_flux, truth, test)
     return best
 
 

@@ -57,3 +57,26 @@ def test_stamp_flux_pull_counts_a_faint_offset_and_skips_masked_pixels():
     assert flux_pull(truth + 0.05, truth, rec) == pytest.approx(0.1 * 896 ** 0.5, rel=1e-9)
     garbage = np.where(mask, 1e9, truth + 0.05)                        # what lies under the mask is ignored
     assert flux_pull(garbage, truth, rec) == pytest.approx(0.1 * 896 ** 0.5, rel=1e-9)
+
+
+def test_residual_by_snr_finds_a_faint_offset_in_its_bin():
+    import importlib.util
+    from types import SimpleNamespace
+    path = Path(__file__).resolve().parents[1] / "bench" / "tokenizers.py"
+    spec = importlib.util.spec_from_file_location("bench_tokenizers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ivar = np.full((1, 10, 10), 1.0)                                   # sigma 1
+    truth = np.zeros((1, 10, 10))
+    truth[0, :5] = 2.0                                                 # half the pixels at S/N 2
+    truth[0, 9, 9] = 50.0                                              # one bright pixel
+    mask = np.zeros((1, 10, 10), dtype=bool)
+    mask[0, 9, 0] = True                                               # a sky pixel left out
+    rec = SimpleNamespace(ivar=ivar, mask=mask)
+    recon = truth + np.where(truth == 2.0, 0.4, 0.0)                   # faint light 0.4 sigma too bright
+    recon[0, 9, 9] = 45.0                                              # the bright pixel 5 sigma low
+    out = bench.residual_by_snr([recon], [truth], [rec])
+    assert out["1-3"]["mean"] == pytest.approx(0.4) and out["1-3"]["pixels"] == pytest.approx(50 / 99, abs=1e-4)
+    assert out["10-inf"]["mean"] == pytest.approx(-5.0) and out["0-0.3"]["rms"] == 0.0
+    assert out["0.3-1"]["mean"] is None
+    assert out["10-inf"]["chi2_share"] == pytest.approx(25 / (25 + 50 * 0.16), abs=1e-4)

@@ -275,9 +275,7 @@ def pca_spectra(train: list[Spectrum], test: list[Spectrum], bits: float, tok, t
             if truth is not None:
                 row["chi2_truth"] = med([chi2(f, t, r) for f, t, r in zip(flux_hat, truth, test)])
             if best is None or row[criterion(truth)] < best[criterion(truth)]:
-                best, best_flux = row, flux_hat
-    if truth is not None:
-        best["residual_by_snr"] = residual_by_snr(best_flux, truth, test)
+                best = row
     return best
 
 

@@ -100,7 +100,7 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
         cons = load_consistency(pipe, args, given[0], targets[0])
         for s, draws in zip(samples, chain):
             model_draws[s.object_id] = [d[targets[0]] for d in draws]       # before: shown beside the pulled
-            refined = refine_translation(s.records[given[0]], [d[targets[0]] for d in draws], cons,
+            refined = refine_translation(s.records[given[0]], model_draws[s.object_id], cons,
                                          redshift=known_redshift(s))
             for d, r in zip(draws, refined):
                 d[targets[0]] = r

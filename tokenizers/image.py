@@ -47,8 +47,8 @@ chi-square in x is also biased where arcsinh bends (S/N 1-10 per pixel): its bes
 E[arcsinh(noisy sb)], not arcsinh(true sb). With `residual: flux` the residual is taken in
 sb itself, sb_hat - sb, with variance sigma_sb^2 + min_sigma^2 (softening^2 + sb_w^2) (the
 same floor, in sb), which is linear in the data and so unbiased with 'neighbours'
-(`pixel_chi2`; measured in the README). With `photometry_weight` > 0 the chi-square of k x k block sums of the residual is added
-(`block_photometry_chi2`).
+(`pixel_chi2`; measured in the README). With `photometry_weight` > 0 the chi-square of
+k x k block sums of the residual is added (`block_photometry_chi2`).
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ writes it). The FM then adds to a token's learned position row an encoding of it
 cell's offset from the stamp centre in arcsec, so a DES-like cell (1.05") and the
 HSC-like cells (0.67") covering the same patch of sky share that part of their position
 vectors, whatever the two grids (fm.model `sky_positions`). 0 = no sky geometry
-(spectra, scalars, old tables).
+(spectra, scalars, old tables). `grid_start` positions come before the square grid and
+have no place on the sky (the image tokenizer's brightness-scale token, when it has one).
 
 Code geometry. A modality whose ids lie on a grid of codes states `code_levels`: the FSQ
 levels of the image and spectrum tokenizers, (n_bins,) for a scalar's ordered bins
@@ -60,6 +61,7 @@ class ModalitySpec:
     cell_arcsec: float = 0.0   # side of a token cell on the sky, for square token grids (0 = none)
     code_levels: tuple[int, ...] = ()   # the ids' grid of codes, axis 0 fastest (() = none; fm.codes)
     code_segments: tuple = ()           # ((n positions, levels), ...) in token order (default: code_levels everywhere)
+    grid_start: int = 0        # positions before the square sky grid (off the sky), with cell_arcsec only
 
     def __post_init__(self):
         if not self.token_space:
@@ -82,14 +84,16 @@ class ModalitySpec:
         if int(self.vocab_size) < 1 or int(self.n_tokens) < 1:
             raise ValueError(f"modality {self.key!r}: vocab_size and n_tokens must be >= 1, "
                              f"got {self.vocab_size}, {self.n_tokens}")
-        if self.cell_arcsec < 0 or (self.cell_arcsec > 0 and round(self.n_tokens ** 0.5) ** 2 != self.n_tokens):
-            raise ValueError(f"modality {self.key!r}: cell_arcsec {self.cell_arcsec} needs a square token grid "
-                             f"and a size >= 0 (n_tokens {self.n_tokens})")
+        n_grid = int(self.n_tokens) - int(self.grid_start)
+        if self.cell_arcsec < 0 or not 0 <= self.grid_start < self.n_tokens or \
+                (self.cell_arcsec > 0 and round(n_grid ** 0.5) ** 2 != n_grid) or (self.grid_start and not self.cell_arcsec):
+            raise ValueError(f"modality {self.key!r}: cell_arcsec {self.cell_arcsec} needs a square token grid after "
+                             f"grid_start {self.grid_start} positions, both >= 0 (n_tokens {self.n_tokens})")
 
     @property
     def grid_side(self) -> int:
         """Token-grid side of a sky modality (0 without sky geometry)."""
-        return round(self.n_tokens ** 0.5) if self.cell_arcsec > 0 else 0
+        return round((self.n_tokens - self.grid_start) ** 0.5) if self.cell_arcsec > 0 else 0
 
     @property
     def kind(self) -> str:
@@ -182,12 +186,13 @@ class ModalityTable:
                 raise ValueError(f"modality {key!r}: missing {missing} in {dict(d)}")
             specs.append(ModalitySpec(key, int(d["vocab_size"]), int(d["n_tokens"]), str(d.get("token_space", "")),
                                       float(d.get("cell_arcsec", 0.0)), tuple(d.get("code_levels", ())),
-                                      tuple(tuple(x) for x in d.get("code_segments", ()))))
+                                      tuple(tuple(x) for x in d.get("code_segments", ())), int(d.get("grid_start", 0))))
         return cls(specs)
 
     def to_dict(self) -> dict[str, dict]:
         return {s.key: {"vocab_size": s.vocab_size, "n_tokens": s.n_tokens, "token_space": s.token_space,
                         **({"cell_arcsec": s.cell_arcsec} if s.cell_arcsec > 0 else {}),
+                        **({"grid_start": s.grid_start} if s.grid_start else {}),
                         **({"code_levels": list(s.code_levels)} if s.code_levels else {}),
                         **({"code_segments": [[n, list(lv)] for n, lv in s.code_segments]}
                            if s.code_segments and s.code_segments != ((s.n_tokens, s.code_levels),) else {})}

@@ -226,6 +226,7 @@ class FourM(nn.Module):
         if self.sky:   # Fourier features of the cell centre's (x, y) offset in arcsec -> D
             self.register_buffer("cell_arcsec", torch.tensor([spec.cell_arcsec for spec in table]), persistent=False)
             self.register_buffer("grid_side", torch.tensor([max(spec.grid_side, 1) for spec in table]), persistent=False)
+            self.register_buffer("grid_start", torch.tensor([spec.grid_start for spec in table]), persistent=False)
             self.register_buffer("sky_freqs", torch.tensor(SKY_FREQUENCIES), persistent=False)
             self.sky_pos = nn.Linear(4 * len(SKY_FREQUENCIES), D, bias=False)
         self.code = config.code_geometry and any(spec.code_segments for spec, _ in table.spaces)
@@ -301,7 +302,8 @@ class FourM(nn.Module):
         stamp centre in arcsec (..., 2), whether the modality has sky geometry (...))."""
         cell, side = self.cell_arcsec[mod], self.grid_side[mod]
         half = (side - 1) / 2
-        return torch.stack([(pos % side - half) * cell, (pos // side - half) * cell], -1), cell > 0
+        p = pos - self.grid_start[mod]                                             # cell index (< 0: off the grid)
+        return torch.stack([(p % side - half) * cell, (p // side - half) * cell], -1), (cell > 0) & (p >= 0)
 
     def _sky_tokens(self, mod, pos):
         """(B, N) mod/pos -> (offsets (B, N, 2) arcsec, on-sky (B, N) bool) for sky

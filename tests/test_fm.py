@@ -127,6 +127,20 @@ def test_sky_positions_place_image_tokens_by_their_offset_on_the_sky():
     assert not off.sky and not hasattr(off, "sky_pos")
     with pytest.raises(ValueError, match="needs a square token grid"):
         ModalityTable.from_dict({"image.a": {"vocab_size": 4, "n_tokens": 12, "cell_arcsec": 1.0}})
+    # a token before the grid (the image tokenizer's brightness scale) is off the sky: learned row
+    # only; the grid after it is placed as without it
+    scaled = ModalityTable.from_dict({"image.a": {"vocab_size": 16, "n_tokens": 10, "cell_arcsec": 1.0,
+                                                  "grid_start": 1}})
+    assert ModalityTable.from_dict(scaled.to_dict()) == scaled and scaled["image.a"].grid_side == 3
+    torch.manual_seed(0)
+    ms = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), scaled)
+    xy, on_sky = ms._sky_xy(torch.zeros(10, dtype=torch.long), torch.arange(10))
+    assert not on_sky[0] and on_sky[1:].all()
+    torch.testing.assert_close(xy[1:], model._sky_xy(torch.full((9,), a), coarse)[0])
+    p0 = ms._positions(torch.tensor([0]), torch.tensor([0]))
+    assert torch.equal(p0, ms.pos_emb(torch.tensor([0])))
+    with pytest.raises(ValueError, match="grid_start"):
+        ModalityTable.from_dict({"image.a": {"vocab_size": 4, "n_tokens": 10, "grid_start": 1}})
 
 
 def test_sky_attention_biases_pairs_of_sky_tokens_by_their_distance(tmp_path):

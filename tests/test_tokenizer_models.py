@@ -173,6 +173,37 @@ def test_image_save_load_and_learning(sky, tmp_path, kw):
         assert all(np.array_equal(x.flux, y.flux) for x, y in zip(a, b))
 
 
+def test_image_brightness_scale_token(sky):
+    """With scale_bins > 0, token 0 is the object's brightness scale g and the grid codes
+    describe the stamp compressed relative to it: a galaxy 10x brighter (flux x 10, noise
+    x 10) gets a scale token 1 dex higher and the same grid codes, and decodes 10x
+    brighter. Token 0 is a segment of its own for the FM, takes ids below scale_bins only,
+    and an out-of-range one is refused."""
+    tok = _image_tok(scale_bins=300, log_scale_max=3.0, scale_knee=2.0)   # 0.01 dex bins
+    assert tok.n_tokens == 65 and tok.n_scale == 1
+    assert tok.code_segments == ((1, (300,)), (64, (8, 5, 5, 5)))
+    allowed = tok.allowed_ids()
+    assert not allowed[0, 300:].any() and allowed[0, :300].all() and allowed[1:].all()
+    recs = sky["image.des"][:4] + sky["image.hsc"][:4]
+    ids = tok.encode(recs)
+    assert ids.shape == (8, 65) and int(ids[:, 0].max()) < 300
+    bright = [_copy(r, flux=r.flux * 10, ivar=r.ivar / 100) for r in recs]
+    ids10 = tok.encode(bright)
+    lit = (ids[:, 0] > 0) & (ids[:, 0] < 200)                               # g > 1 before and after
+    assert lit.sum() >= 4, ids[:, 0]
+    assert torch.equal(ids10[lit, 0], ids[lit, 0] + 100)
+    assert (ids10[lit, 1:] == ids[lit, 1:]).float().mean() > 0.99
+    a, b = tok.decode(ids, like=recs), tok.decode(ids10, like=bright)
+    for i in np.flatnonzero(lit.numpy()):
+        np.testing.assert_allclose(b[i].flux, 10 * a[i].flux, rtol=1e-3, atol=1e-6 * np.abs(b[i].flux).max())
+    bad = ids.clone()
+    bad[0, 0] = 300
+    with pytest.raises(ValueError, match="brightness scale"):
+        tok.decode(bad, like=recs)
+    loss, metrics = tok.training_loss(recs)
+    assert np.isfinite(float(loss.detach())) and metrics["recon"] > 0
+
+
 def test_image_decodes_a_band_it_was_not_shown(sky):
     """Band dropout trains cross-band decoding: encode HSC g,r,i,z, decode HSC y. After a
     few steps the y plane predicted from the other four bands must beat predicting

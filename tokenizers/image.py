@@ -49,6 +49,18 @@ sb itself, sb_hat - sb, with variance sigma_sb^2 + min_sigma^2 (softening^2 + sb
 same floor, in sb), which is linear in the data and so unbiased with 'neighbours'
 (`pixel_chi2`; measured in the README). With `photometry_weight` > 0 the chi-square of
 k x k block sums of the residual is added (`block_photometry_chi2`).
+
+Brightness scale (token 0, with `scale_bins` > 0). A bright core's amplitude is one
+number the grid codes otherwise have to spell out between them, and a 10% error in it is
+what the min_sigma floor lets pass (README: the bright cores carry ~90% of the chi-square).
+With a scale token the object's peak (the brightest 3 x 3 mean of good pixels over its
+bands) sets g = max(1, peak / (scale_knee x softening)), log10 g is cut into `scale_bins`
+uniform bins over [0, log_scale_max] (token 0, g at the bin's lower edge), and the
+compression uses the object's own softening x g: x = arcsinh(sb / (softening g)). Stamps
+fainter than the knee are unchanged (g = 1); brighter ones all reach about
+arcsinh(knee) at their peak, so the grid codes describe a shape, and a galaxy 10x brighter
+has the same codes and a scale 1 dex higher (tested). The FM places token 0 off the sky
+grid (fm.modality `grid_start`).
 """
 from __future__ import annotations
 
@@ -104,6 +116,10 @@ class ImageConfig:
                                     # from 0.12-0.15 to 0.16-0.21, and the tiny FM's translation got worse
     photometry_blocks: tuple[int, ...] = (4, 32)   # block sides in pixels (each divides size)
     photometry_floor: float = 0.01  # a block's flux needs no better than this relative precision
+    scale_bins: int = 0             # > 0: token 0 is the object's brightness scale g (below), in this many
+                                    # log-uniform bins (<= vocab); 0 = no scale token, g = 1
+    scale_knee: float = 30.0        # g = max(1, peak sb / (knee x softening)): compression relative to the peak
+    log_scale_max: float = 3.0      # log10 g spanned by the scale bins (brighter peaks: the last bin)
 
 
 def band_features(name: str, pixel_scale: float, psf_fwhm: float, object_id: str = "") -> np.ndarray:
@@ -158,6 +174,9 @@ class ImageTokenizer(Tokenizer):
             raise ValueError(f"ImageConfig: need photometry_weight >= 0, photometry_floor >= 0 and "
                              f"photometry_blocks that divide size {c.size}; got {c.photometry_weight}, "
                              f"{c.photometry_floor}, {c.photometry_blocks}")
+        if c.scale_bins < 0 or (c.scale_bins and not (c.scale_knee > 0 and c.log_scale_max > 0)):
+            raise ValueError(f"ImageConfig: need scale_bins >= 0, scale_knee > 0, log_scale_max > 0; got "
+                             f"{c.scale_bins}, {c.scale_knee}, {c.log_scale_max}")
         self.grid = c.size // c.downsample
         widths = [min(c.channels * 2 ** k, c.hidden) for k in range(halvings + 1)]
         self.quantizer = make_quantizer(c.quantizer, c.levels, c.codebook_bits, c.entropy_weight, "ImageConfig",
@@ -185,6 +204,8 @@ class ImageTokenizer(Tokenizer):
         self.head_film = FiLM(c.band_dim, widths[0])
         self.head = nn.Sequential(nn.GELU(), conv(2, widths[0], widths[0] // 2), nn.GELU(),
                                   conv(2, widths[0] // 2, c.patch ** 2, kernel=1))
+        if c.scale_bins > self.quantizer.vocab_size:
+            raise ValueError(f"ImageConfig.scale_bins {c.scale_bins} exceeds the vocabulary {self.quantizer.vocab_size}")
 
     @property
     def vocab_size(self) -> int:
@@ -196,8 +217,45 @@ class ImageTokenizer(Tokenizer):
         return tuple(self.quantizer.levels)
 
     @property
+    def n_scale(self) -> int:
+        """Tokens before the grid: 1 with a scale token, else 0."""
+        return int(self.config.scale_bins > 0)
+
+    @property
     def n_tokens(self) -> int:
-        return self.grid * self.grid
+        return self.n_scale + self.grid * self.grid
+
+    @property
+    def code_segments(self) -> tuple:
+        grid = ((self.grid * self.grid, self.code_levels),)
+        return ((1, (self.config.scale_bins,)),) + grid if self.n_scale else grid
+
+    def allowed_ids(self) -> torch.Tensor:
+        """(n_tokens, vocab_size): the scale token (if any) takes ids below scale_bins."""
+        allowed = super().allowed_ids()
+        if self.n_scale:
+            allowed[0, self.config.scale_bins:] = False
+        return allowed
+
+    # -- brightness scale (token 0 when scale_bins > 0) ----------------------------------
+    def scale_token(self, sb: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+        """sb, good (B, C, H, W) -> (B,) scale ids: log10 g = log10(peak / (knee softening)),
+        peak = the brightest 3x3 mean of good pixels over the bands, in [0, log_scale_max]
+        cut into scale_bins uniform bins (id 0: g = 1, no rescaling)."""
+        c = self.config
+        box = F.avg_pool2d(torch.where(good, sb, 0.0).flatten(0, 1)[:, None], 3, stride=1)   # (B*C, 1, H-2, W-2)
+        peak = box.reshape(sb.shape[0], -1).amax(1)                                          # (B,)
+        u = torch.log10((peak / (c.scale_knee * c.softening)).clamp_min(1.0)) / c.log_scale_max
+        return (u * c.scale_bins).floor().clamp(0, c.scale_bins - 1).long()
+
+    def scale_value(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) scale ids -> (B,) g, each bin's lower edge (id 0 -> 1 exactly)."""
+        c = self.config
+        return 10 ** (ids.double() * c.log_scale_max / max(c.scale_bins, 1))
+
+    def softening_of(self, g: torch.Tensor) -> torch.Tensor:
+        """(B,) g -> (B, 1, 1, 1) each object's arcsinh softening, softening x g."""
+        return (self.config.softening * g).to(torch.float32).reshape(-1, 1, 1, 1)
 
     def cell_arcsec(self, record) -> float:
         """Side of one token cell on the sky for this record's pixel scale (arcsec)."""
@@ -249,8 +307,9 @@ class ImageTokenizer(Tokenizer):
             factor[b] = to_common(r.zero_point, r.pixel_scale)
         flux, ivar, good, factor = (torch.from_numpy(a).to(self.device) for a in (flux, ivar, good, factor))
         feat, present = feat.to(self.device), present.to(self.device)
-        s = self.config.softening
         sb = flux * factor                                               # (B, C, H, W) nmgy/arcsec^2
+        scale_ids = self.scale_token(sb, good) if self.n_scale else torch.zeros(B, dtype=torch.long, device=sb.device)
+        s = self.softening_of(self.scale_value(scale_ids)).to(sb.device)   # (B, 1, 1, 1)
         x = torch.asinh(sb / s)
         sb_w = neighbour_mean(sb, good) if self.config.weights_from == "neighbours" else sb
         ivar_sb = ivar / factor ** 2
@@ -259,7 +318,8 @@ class ImageTokenizer(Tokenizer):
         else:                                # propagated ivar of x at sb_w, capped
             w = (ivar_sb * (s ** 2 + sb_w ** 2)).clamp(max=self.config.min_sigma ** -2)
         w = torch.where(good, w, torch.zeros_like(w))
-        return dict(x=x, sb=sb, w=w, good=good, flux=flux, ivar=ivar, factor=factor, feat=feat, present=present)
+        return dict(x=x, sb=sb, w=w, good=good, flux=flux, ivar=ivar, factor=factor, feat=feat, present=present,
+                    s=s, scale_ids=scale_ids)
 
     # -- the network -------------------------------------------------------------------
     def encode_latent(self, x: torch.Tensor, good: torch.Tensor, feat: torch.Tensor,
@@ -293,6 +353,8 @@ class ImageTokenizer(Tokenizer):
         batch = self._prepare(as_list(records))
         z = self.encode_latent(batch["x"], batch["good"], batch["feat"], batch["present"])
         _, ids, _ = self.quantizer(z)                                    # (B, h*w)
+        if self.n_scale:
+            ids = torch.cat([batch["scale_ids"][:, None].to(ids), ids], 1)   # (B, 1 + h*w)
         return ids
 
     @torch.no_grad()
@@ -315,12 +377,18 @@ class ImageTokenizer(Tokenizer):
             if not t.pixel_scale > 0:
                 raise RecordError(f"object {t.object_id!r}: field 'image.pixel_scale': must be > 0, got {t.pixel_scale}")
         feat, _ = self._features(likes)
-        z_q = self.quantizer.codes(tokens.to(self.device), (self.grid, self.grid))   # (B, d, h, w)
+        tokens = tokens.to(self.device)
+        if self.n_scale and tokens[:, 0].max() >= self.config.scale_bins:
+            raise ValueError(f"ImageTokenizer.decode: token 0 (the brightness scale) must lie in "
+                             f"[0, {self.config.scale_bins}), got {int(tokens[:, 0].max())}")
+        s = self.softening_of(self.scale_value(tokens[:, 0] if self.n_scale else torch.zeros_like(tokens[:, 0])))
+        z_q = self.quantizer.codes(tokens[:, self.n_scale:], (self.grid, self.grid))  # (B, d, h, w)
         x_hat = self.decode_latent(z_q, feat.to(self.device)).cpu().numpy()         # (B, C, H, W)
+        s = s.cpu().numpy().astype(np.float64)                                      # (B, 1, 1, 1)
         out = []
         for b, t in enumerate(likes):
             n = len(t.bands)
-            flux = (self.config.softening * np.sinh(x_hat[b, :n].astype(np.float64))
+            flux = (s[b] * np.sinh(x_hat[b, :n].astype(np.float64))
                     / to_common(t.zero_point, t.pixel_scale)).astype(np.float32)   # (n, H, W)
             ivar = _template_ivar(t.ivar, flux.shape)
             psf = np.broadcast_to(np.asarray(t.psf_fwhm, dtype=np.float32), (n,)).copy()
@@ -343,7 +411,7 @@ class ImageTokenizer(Tokenizer):
         n_good = batch["good"].sum().clamp_min(1)
         chi2 = self.pixel_chi2(x_hat, batch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.photometry_weight > 0):
-            flux_hat = self.config.softening * torch.sinh(x_hat.clamp(-30, 30)) / batch["factor"]   # (B, C, H, W)
+            flux_hat = batch["s"] * torch.sinh(x_hat.clamp(-30, 30)) / batch["factor"]   # (B, C, H, W)
         with torch.no_grad():  # the same in survey flux units, unclipped: the figure to report
             chi2_flux = (batch["ivar"] * (flux_hat - batch["flux"]) ** 2).sum() / n_good
         metrics = {"recon": float(chi2.detach()), "chi2_flux": float(chi2_flux)}
@@ -361,7 +429,7 @@ class ImageTokenizer(Tokenizer):
         picks arcsinh or surface-brightness residuals)."""
         n_good = batch["good"].sum().clamp_min(1)
         if self.config.residual == "flux":
-            sb_hat = self.config.softening * torch.sinh(x_hat.clamp(-30, 30))   # (B, C, H, W)
+            sb_hat = batch["s"] * torch.sinh(x_hat.clamp(-30, 30))   # (B, C, H, W)
             return (batch["w"] * (sb_hat - batch["sb"]) ** 2).sum() / n_good
         return (batch["w"] * (x_hat - batch["x"]) ** 2).sum() / n_good
 

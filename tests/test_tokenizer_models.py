@@ -180,7 +180,7 @@ def test_image_brightness_scale_token(sky):
     brighter. Token 0 is a segment of its own for the FM, takes ids below scale_bins only,
     and an out-of-range one is refused."""
     tok = _image_tok(scale_bins=300, log_scale_max=3.0, scale_knee=2.0)   # 0.01 dex bins
-    assert tok.n_tokens == 65 and tok.n_scale == 1
+    assert tok.n_tokens == 65 and tok.n_scale == 1 and _image_tok().n_scale == 0
     assert tok.code_segments == ((1, (300,)), (64, (8, 5, 5, 5)))
     allowed = tok.allowed_ids()
     assert not allowed[0, 300:].any() and allowed[0, :300].all() and allowed[1:].all()

@@ -118,7 +118,9 @@ class ImageConfig:
     photometry_floor: float = 0.01  # a block's flux needs no better than this relative precision
     scale_bins: int = 0             # > 0: token 0 is the object's brightness scale g (below), in this many
                                     # log-uniform bins (<= vocab); 0 = no scale token, g = 1
-    scale_knee: float = 30.0        # g = max(1, peak sb / (knee x softening)): compression relative to the peak
+    scale_knee: float = 3.0         # g = max(1, peak sb / (knee x softening)): compression relative to the peak
+                                    # (tiny config, chi2 vs truth DES / HSC: knee 1 0.071 / 0.138, 3 0.056 / 0.119,
+                                    # 10 0.057 / 0.134, 30 0.110 / 0.263; no scale token 0.100 / 0.269)
     log_scale_max: float = 3.0      # log10 g spanned by the scale bins (brighter peaks: the last bin)
 
 

@@ -311,7 +311,7 @@ class ImageTokenizer(Tokenizer):
         feat, present = feat.to(self.device), present.to(self.device)
         sb = flux * factor                                               # (B, C, H, W) nmgy/arcsec^2
         scale_ids = self.scale_token(sb, good) if self.n_scale else torch.zeros(B, dtype=torch.long, device=sb.device)
-        s = self.softening_of(self.scale_value(scale_ids)).to(sb.device)   # (B, 1, 1, 1)
+        s = self.softening_of(self.scale_value(scale_ids)).to(sb.device) if self.n_scale else self.config.softening
         x = torch.asinh(sb / s)
         sb_w = neighbour_mean(sb, good) if self.config.weights_from == "neighbours" else sb
         ivar_sb = ivar / factor ** 2
@@ -383,10 +383,10 @@ class ImageTokenizer(Tokenizer):
         if self.n_scale and tokens[:, 0].max() >= self.config.scale_bins:
             raise ValueError(f"ImageTokenizer.decode: token 0 (the brightness scale) must lie in "
                              f"[0, {self.config.scale_bins}), got {int(tokens[:, 0].max())}")
-        s = self.softening_of(self.scale_value(tokens[:, 0] if self.n_scale else torch.zeros_like(tokens[:, 0])))
         z_q = self.quantizer.codes(tokens[:, self.n_scale:], (self.grid, self.grid))  # (B, d, h, w)
         x_hat = self.decode_latent(z_q, feat.to(self.device)).cpu().numpy()         # (B, C, H, W)
-        s = s.cpu().numpy().astype(np.float64)                                      # (B, 1, 1, 1)
+        s = (self.softening_of(self.scale_value(tokens[:, 0])).cpu().numpy().astype(np.float64) if self.n_scale
+             else np.full((len(tokens), 1, 1, 1), self.config.softening))           # (B, 1, 1, 1)
         out = []
         for b, t in enumerate(likes):
             n = len(t.bands)

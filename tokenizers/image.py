@@ -311,7 +311,7 @@ class ImageTokenizer(Tokenizer):
         feat, present = feat.to(self.device), present.to(self.device)
         sb = flux * factor                                               # (B, C, H, W) nmgy/arcsec^2
         scale_ids = self.scale_token(sb, good) if self.n_scale else torch.zeros(B, dtype=torch.long, device=sb.device)
-        s = self.softening_of(self.scale_value(scale_ids)).to(sb.device) if self.n_scale else self.config.softening
+        s = self.softening_of(self.scale_value(scale_ids)) if self.n_scale else self.config.softening   # (B, 1, 1, 1)
         x = torch.asinh(sb / s)
         sb_w = neighbour_mean(sb, good) if self.config.weights_from == "neighbours" else sb
         ivar_sb = ivar / factor ** 2
@@ -351,7 +351,8 @@ class ImageTokenizer(Tokenizer):
     # -- the contract ------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, records) -> torch.LongTensor:
-        """One Image or a list (any registry bands, size x size stamps) -> (B, n_tokens)."""
+        """One Image or a list (any registry bands, size x size stamps) -> (B, n_tokens): the
+        brightness scale first when scale_bins > 0, then the grid's codes row by row."""
         batch = self._prepare(as_list(records))
         z = self.encode_latent(batch["x"], batch["good"], batch["feat"], batch["present"])
         _, ids, _ = self.quantizer(z)                                    # (B, h*w)

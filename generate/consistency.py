@@ -28,7 +28,8 @@ target band j nearest to it in wavelength:
      T_src T_tgt / (T_tgt^2 + lambda) (Moffat transfer functions of the records' FWHMs
      times the pixel boxes), flux kept: where the source PSF is the broader one (DES-like
      seen from HSC-like pixels) lambda only guards against the target's zeros, the other
-     way it bounds the sharpening;
+     way it bounds the sharpening; the FFTs pad the domain by the kernel's reach (the
+     square holding all but 1e-4 of its absolute sum), not by the whole domain;
   3. sample bilinearly at the source pixel centres (the object on pixel n // 2 of both
      stamps, plus a sub-pixel shift fitted per object, `SourceView.fit_shift`), times the
      pixel-area ratio and the zero-point conversion.
@@ -61,7 +62,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..shards.schema import Image, Spectrum
 from .baselines import (ColourTerms, _moffat_beta, aperture_fluxes, box_otf, fit_colour_terms, nearest_band,
@@ -111,7 +111,8 @@ class Consistency:
 
 class SourceView:
     """The forward operator A for one object: target-grid images (S, Ct, n_y, n_x) on the
-    extended domain -> source-survey models (S, Cs, hs, ws), a linear torch map (float64)."""
+    extended domain -> source-survey models (S, Cs, hs, ws), a linear torch map (float64),
+    with its exact transpose (`adjoint`): both a few FFTs and a gather / scatter."""
 
     def __init__(self, source: Image, target: Image, ratios: np.ndarray, margin_arcsec: float = MARGIN_ARCSEC):
         ct, h, w = target.flux.shape
@@ -125,60 +126,127 @@ class SourceView:
         self.nearest = [nearest_band(b, target.bands) for b in source.bands]
         zp = 10 ** (0.4 * (source.zero_point - target.zero_point))
         self.gain = torch.as_tensor(np.asarray(ratios) * scale ** 2 * zp, dtype=torch.float64)   # (Cs,)
-        # kernel on a zero-padded grid (no wrap-around), rfft2 layout
-        self.fft_shape = (2 * n_y, 2 * n_x)
-        ky = np.fft.fftfreq(self.fft_shape[0], d=target.pixel_scale)[:, None]
-        kx = np.fft.rfftfreq(self.fft_shape[1], d=target.pixel_scale)[None, :]
-        k = np.sqrt(ky ** 2 + kx ** 2)
-        tgt_fwhm = np.asarray(target.psf_fwhm)[self.nearest]
-        # the target's effective PSF: optics, pixel box and the bilinear sampling below (a
-        # triangle of its pixel: box^2)
-        t_tgt = moffat_otf(tgt_fwhm, _moffat_beta(target.survey), k) * box_otf(ky, kx, target.pixel_scale) ** 3
-        t_src = moffat_otf(np.asarray(source.psf_fwhm), _moffat_beta(source.survey), k) \
-            * box_otf(ky, kx, source.pixel_scale)
-        kernel = t_src * t_tgt / (t_tgt ** 2 + KERNEL_REGULARISER)
-        self.kernel = torch.as_tensor(kernel / kernel[:, :1, :1], dtype=torch.complex128)   # (Cs, 2n_y, n_x+1)
-        # source pixel centres in grid_sample's normalised coordinates of the extended domain
-        # (the object sits on each stamp's `stamp_centre` pixel)
-        ys = ((np.arange(hs) - stamp_centre(hs)) * scale + self.pad + stamp_centre(h)) / (n_y - 1) * 2 - 1
-        xs = ((np.arange(ws) - stamp_centre(ws)) * scale + self.pad + stamp_centre(w)) / (n_x - 1) * 2 - 1
-        gy, gx = np.meshgrid(ys, xs, indexing="ij")
-        self.grid = torch.as_tensor(np.stack([gx, gy], -1)[None], dtype=torch.float64)   # (1, hs, ws, 2)
-        self.per_pixel = torch.as_tensor([2 / (n_x - 1), 2 / (n_y - 1)], dtype=torch.float64) * scale
-        self.shift = torch.zeros(2, dtype=torch.float64)   # (dx, dy) source pixels, see `fit_shift`
+        self.fft_shape, self.kernel = _psf_kernel(source, target, self.nearest, (n_y, n_x))
+        # source pixel centres in target pixels of the extended domain (the object sits on
+        # each stamp's `stamp_centre` pixel)
+        self.ys = (np.arange(hs) - stamp_centre(hs)) * scale + self.pad + stamp_centre(h)      # (hs,)
+        self.xs = (np.arange(ws) - stamp_centre(ws)) * scale + self.pad + stamp_centre(w)      # (ws,)
+        self.scale = scale
+        self.set_shift(0.0, 0.0)
+
+    def set_shift(self, dx: float, dy: float) -> None:
+        """Source pixel centres moved by (dx, dy) source pixels (see `fit_shift`)."""
+        self.shift = torch.tensor([dx, dy], dtype=torch.float64)
+        self.index, self.weight = self._bilinear(np.array([[dx, dy]]))
+        self.index, self.weight = self.index[0], self.weight[0]              # (4, hs ws) each
+
+    def _bilinear(self, shifts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bilinear interpolation at the source pixel centres for K shifts (K, 2) (dx, dy in
+        source pixels): flat indices into the extended domain and their weights, (K, 4, hs ws)
+        each; corners outside the domain get weight 0."""
+        _, n_y, n_x = self.shape
+        y = self.ys[None, :, None] + shifts[:, 1, None, None] * self.scale                 # (K, hs, 1)
+        x = self.xs[None, None, :] + shifts[:, 0, None, None] * self.scale                 # (K, 1, ws)
+        y, x = np.broadcast_arrays(y, x)
+        y0, x0 = np.floor(y), np.floor(x)
+        fy, fx = y - y0, x - x0
+        index, weight = [], []
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            for dx, wx in ((0, 1 - fx), (1, fx)):
+                yy, xx = y0 + dy, x0 + dx
+                inside = (yy >= 0) & (yy < n_y) & (xx >= 0) & (xx < n_x)
+                index.append(np.where(inside, np.clip(yy, 0, n_y - 1) * n_x + np.clip(xx, 0, n_x - 1), 0))
+                weight.append(np.where(inside, wy * wx, 0.0))
+        k = len(shifts)
+        return (torch.as_tensor(np.stack(index, 1).reshape(k, 4, -1), dtype=torch.long),
+                torch.as_tensor(np.stack(weight, 1).reshape(k, 4, -1), dtype=torch.float64))
 
     def _blur(self, image: torch.Tensor) -> torch.Tensor:
+        """(S, Ct, n_y, n_x) -> (S, Cs, n_y * n_x): each source band's view before sampling."""
         planes = image[:, self.nearest] * self.gain[:, None, None]              # (S, Cs, n_y, n_x)
         blurred = torch.fft.irfft2(torch.fft.rfft2(planes, s=self.fft_shape) * self.kernel, s=self.fft_shape)
-        return blurred[..., :self.shape[1], :self.shape[2]]
+        return blurred[..., :self.shape[1], :self.shape[2]].flatten(2)
+
+    def _sample(self, flat: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(S, Cs, N) at the corners `index` (4, P) -> (S, Cs, P)."""
+        return (flat[..., index] * weight).sum(-2)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """image (S, Ct, n_y, n_x) -> (S, Cs, hs, ws) in source units."""
-        grid = (self.grid + self.shift * self.per_pixel).expand(len(image), -1, -1, -1)
-        return F.grid_sample(self._blur(image), grid, mode="bilinear", align_corners=True)
+        out = self._sample(self._blur(image), self.index, self.weight)
+        return out.reshape(*out.shape[:2], len(self.ys), len(self.xs))
 
     def fit_shift(self, image: torch.Tensor, data: torch.Tensor, weight: torch.Tensor,
                   max_pixels: float = 1.0, step: float = 0.125) -> tuple[float, float]:
-        """Set `shift` to the sub-pixel offset (a grid of `step` source pixels within
+        """Set the shift to the sub-pixel offset (a grid of `step` source pixels within
         +-max_pixels) at which the view of `image` (1, Ct, n_y, n_x) best matches `data`
         (1, Cs, hs, ws) of inverse variance `weight`: the two surveys' stamps are centred
         on the object only to within a pixel each. Returns (dx, dy)."""
-        offsets = torch.arange(-max_pixels, max_pixels + 1e-9, step, dtype=torch.float64)
-        dx, dy = torch.meshgrid(offsets, offsets, indexing="xy")
-        shifts = torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)             # (K, 2)
-        blurred = self._blur(image).expand(len(shifts), -1, -1, -1)
-        grids = self.grid + (shifts * self.per_pixel)[:, None, None, :]         # (K, hs, ws, 2)
-        views = F.grid_sample(blurred, grids, mode="bilinear", align_corners=True)
-        chi2 = ((views - data) ** 2 * weight).sum((1, 2, 3))                   # (K,)
-        self.shift = shifts[int(torch.argmin(chi2))].clone()
-        return float(self.shift[0]), float(self.shift[1])
+        offsets = np.arange(-max_pixels, max_pixels + 1e-9, step)
+        dx, dy = np.meshgrid(offsets, offsets, indexing="xy")
+        shifts = np.stack([dx.reshape(-1), dy.reshape(-1)], -1)                # (K, 2)
+        index, wts = self._bilinear(shifts)                                   # (K, 4, P)
+        blurred = self._blur(image)[0]                                        # (Cs, N)
+        views = (blurred[:, index] * wts).sum(-2)                             # (Cs, K, P)
+        chi2 = ((views - data[0].flatten(1)[:, None]) ** 2 * weight[0].flatten(1)[:, None]).sum((0, 2))   # (K,)
+        best = int(torch.argmin(chi2))
+        self.set_shift(float(shifts[best, 0]), float(shifts[best, 1]))
+        return float(shifts[best, 0]), float(shifts[best, 1])
 
     def adjoint(self, residual: torch.Tensor) -> torch.Tensor:
-        """A^T: (S, Cs, hs, ws) -> (S, Ct, n_y, n_x), the vector-Jacobian product of the linear map."""
-        x = torch.zeros((len(residual), *self.shape), dtype=torch.float64, requires_grad=True)
-        with torch.enable_grad():
-            (out,) = torch.autograd.grad(self(x), x, grad_outputs=residual)
+        """A^T: (S, Cs, hs, ws) -> (S, Ct, n_y, n_x), the transpose of the linear map."""
+        s, cs = residual.shape[:2]
+        _, n_y, n_x = self.shape
+        flat = torch.zeros((s, cs, n_y * n_x), dtype=torch.float64)
+        spread = (residual.flatten(2)[..., None, :] * self.weight).flatten(2)            # (S, Cs, 4 P)
+        flat.index_add_(2, self.index.flatten(), spread)
+        planes = torch.fft.irfft2(torch.fft.rfft2(flat.view(s, cs, n_y, n_x), s=self.fft_shape)
+                                  * self.kernel.conj(), s=self.fft_shape)[..., :n_y, :n_x]
+        out = torch.zeros((s, *self.shape), dtype=torch.float64)
+        out.index_add_(1, torch.as_tensor(self.nearest), planes * self.gain[:, None, None])
         return out
+
+
+def _psf_kernel(source: Image, target: Image, nearest: list[int], shape: tuple[int, int],
+                lost: float = 1e-4) -> tuple[tuple[int, int], torch.Tensor]:
+    """The kernel taking the target's effective PSF (optics, pixel box and the bilinear
+    sampling: a triangle of its pixel, box^2) to each source band's, K = T_src T_tgt / (T_tgt^2
+    + lambda), flux kept. Its reach is the half-side of the smallest square holding all but
+    `lost` of its absolute sum; returns the FFT shape (the domain `shape` plus that reach,
+    rounded up to a 2-3-5 smooth size, so the convolution wraps only that share around) and K
+    on it (Cs, fft_y, fft_x // 2 + 1), complex128."""
+    def transfer(fft_shape):
+        ky = np.fft.fftfreq(fft_shape[0], d=target.pixel_scale)[:, None]
+        kx = np.fft.rfftfreq(fft_shape[1], d=target.pixel_scale)[None, :]
+        k = np.sqrt(ky ** 2 + kx ** 2)
+        t_tgt = moffat_otf(np.asarray(target.psf_fwhm)[nearest], _moffat_beta(target.survey), k) \
+            * box_otf(ky, kx, target.pixel_scale) ** 3
+        t_src = moffat_otf(np.asarray(source.psf_fwhm), _moffat_beta(source.survey), k) \
+            * box_otf(ky, kx, source.pixel_scale)
+        kernel = t_src * t_tgt / (t_tgt ** 2 + KERNEL_REGULARISER)
+        return kernel / kernel[:, :1, :1]
+    big = (2 * shape[0], 2 * shape[1])
+    real = np.fft.irfft2(transfer(big), s=big)                              # (Cs, 2n_y, 2n_x), origin at [0, 0]
+    mass = np.abs(np.fft.fftshift(real, axes=(1, 2))).sum(0)
+    cy, cx = shape
+    total = mass.sum()
+    reach = next((r for r in range(1, min(shape) + 1)
+                  if mass[cy - r:cy + r + 1, cx - r:cx + r + 1].sum() >= (1 - lost) * total), min(shape))
+    fft_shape = (_smooth_size(shape[0] + reach), _smooth_size(shape[1] + reach))
+    return fft_shape, torch.as_tensor(transfer(fft_shape), dtype=torch.complex128)
+
+
+def _smooth_size(n: int) -> int:
+    """The smallest m >= n whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
 
 
 class Refinement:

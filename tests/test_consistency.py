@@ -76,6 +76,24 @@ def test_adjoint_is_the_transpose(sky_shards):
     assert abs(float(lhs - rhs)) < 1e-9 * float(abs(lhs) + abs(rhs)), (lhs, rhs)
 
 
+def test_view_pads_its_ffts_by_the_kernel_reach_only(sky_shards):
+    """The FFTs pad the domain by the PSF kernel's reach, not by the whole domain: both ways
+    the view of the noiseless galaxy is the one with no wrap-around at all (FFTs of twice the
+    domain) to 1e-3 of its peak, with smaller FFTs (the Moffat wings of the DES-like PSF
+    reach far: ~7 FWHM hold all but 1e-4 of the kernel)."""
+    from omnisky.generate.consistency import _psf_kernel
+    s = _pairs(sky_shards)[0]
+    for src, tgt in (("image.des", "image.hsc"), ("image.hsc", "image.des")):
+        target = _truth(s, tgt)
+        view = SourceView(s.records[src], target, np.ones(len(s.records[src].bands)))
+        full = SourceView(s.records[src], target, np.ones(len(s.records[src].bands)))
+        full.fft_shape, full.kernel = _psf_kernel(s.records[src], target, full.nearest, full.shape[1:], lost=0.0)
+        assert full.fft_shape[0] >= 2 * view.shape[1]
+        a, b = _view_of(view, target.flux), _view_of(full, target.flux)
+        assert np.abs(a - b).max() < 1e-3 * np.abs(b).max(), (src, np.abs(a - b).max(), np.abs(b).max())
+        assert view.fft_shape[0] < full.fft_shape[0] and view.fft_shape[1] < full.fft_shape[1], view.fft_shape
+
+
 def test_conjugate_gradients_solve_each_system():
     g = torch.Generator().manual_seed(1)
     m = torch.randn(30, 30, generator=g, dtype=torch.float64)

@@ -168,7 +168,7 @@ class SourceView:
         return blurred[..., :self.shape[1], :self.shape[2]].flatten(2)
 
     def _sample(self, flat: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(S, Cs, N) at the corners `index` (4, P) -> (S, Cs, P)."""
+        """(S, Cs, N) at the corners `index` (4, P) -> (S, Cs, P); or (Cs, N) at (K, 4, P) -> (Cs, K, P)."""
         return (flat[..., index] * weight).sum(-2)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,7 @@ class SourceView:
         shifts = np.stack([dx.reshape(-1), dy.reshape(-1)], -1)                # (K, 2)
         index, wts = self._bilinear(shifts)                                   # (K, 4, P)
         blurred = self._blur(image)[0]                                        # (Cs, N)
-        views = (blurred[:, index] * wts).sum(-2)                             # (Cs, K, P)
+        views = self._sample(blurred, index, wts)                             # (Cs, K, P)
         chi2 = ((views - data[0].flatten(1)[:, None]) ** 2 * weight[0].flatten(1)[:, None]).sum((0, 2))   # (K,)
         best = int(torch.argmin(chi2))
         self.set_shift(float(shifts[best, 0]), float(shifts[best, 1]))

@@ -62,6 +62,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.fft import next_fast_len
 
 from ..shards.schema import Image, Spectrum
 from .baselines import (ColourTerms, _moffat_beta, aperture_fluxes, box_otf, fit_colour_terms, nearest_band,
@@ -213,7 +214,7 @@ def _psf_kernel(source: Image, target: Image, nearest: list[int], shape: tuple[i
     sampling: a triangle of its pixel, box^2) to each source band's, K = T_src T_tgt / (T_tgt^2
     + lambda), flux kept. Its reach is the half-side of the smallest square holding all but
     `lost` of its absolute sum; returns the FFT shape (the domain `shape` plus that reach,
-    rounded up to a 2-3-5 smooth size, so the convolution wraps only that share around) and K
+    rounded up to a fast FFT length, so the convolution wraps only that share around) and K
     on it (Cs, fft_y, fft_x // 2 + 1), complex128."""
     def transfer(fft_shape):
         ky = np.fft.fftfreq(fft_shape[0], d=target.pixel_scale)[:, None]
@@ -232,21 +233,8 @@ def _psf_kernel(source: Image, target: Image, nearest: list[int], shape: tuple[i
     total = mass.sum()
     reach = next((r for r in range(1, min(shape) + 1)
                   if mass[cy - r:cy + r + 1, cx - r:cx + r + 1].sum() >= (1 - lost) * total), min(shape))
-    fft_shape = (_smooth_size(shape[0] + reach), _smooth_size(shape[1] + reach))
+    fft_shape = (next_fast_len(shape[0] + reach, real=True), next_fast_len(shape[1] + reach, real=True))
     return fft_shape, torch.as_tensor(transfer(fft_shape), dtype=torch.complex128)
-
-
-def _smooth_size(n: int) -> int:
-    """The smallest m >= n whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
-    m = n
-    while True:
-        k = m
-        for p in (2, 3, 5):
-            while k % p == 0:
-                k //= p
-        if k == 1:
-            return m
-        m += 1
 
 
 class Refinement:

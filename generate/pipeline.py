@@ -71,16 +71,28 @@ class Pipeline:
     # -- tokens in ---------------------------------------------------------------------
     @torch.no_grad()
     def tokenize(self, samples: Sequence[Sample], keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """{key: LongTensor (B, n)}; rows of objects lacking `key` are all -1 (not given)."""
+        """{key: LongTensor (B, n)}; rows of objects lacking `key` are all -1 (not given).
+        Scalars the scalar tokenizer derives (colours) and the model knows join the given
+        keys wherever their fluxes are given: a model trained with colours uses them."""
+        records = [dict(s.records) for s in samples]
+        derive = getattr(self.tokenizers.get("scalar"), "derive", None)
+        if derive is not None:
+            extra = set()
+            for recs in records:
+                new = {k: r for k, r in derive({k: r for k, r in recs.items() if k in keys}).items()
+                       if k in self.n_tokens}
+                recs.update(new)
+                extra |= set(new)
+            keys = list(keys) + sorted(extra - set(keys))
         out = {}
         for key in keys:
             if key not in self.n_tokens:
                 raise KeyError(f"modality {key!r} is not in the model; known: {sorted(self.n_tokens)}")
-            have = [i for i, s in enumerate(samples) if key in s.records]
+            have = [i for i, recs in enumerate(records) if key in recs]
             if not have:
                 continue
             ids = torch.full((len(samples), self.n_tokens[key]), -1, dtype=torch.long)
-            ids[have] = self.tokenizer(key).encode([samples[i].records[key] for i in have]).long()
+            ids[have] = self.tokenizer(key).encode([records[i][key] for i in have]).long()
             out[key] = ids
         return out
 

@@ -15,7 +15,7 @@ from omnisky.generate.baselines import interpolate_spectrum, resample_image, sta
 from omnisky.generate.sampler import filter_logits, generate, guided_logits, token_probabilities
 from omnisky.generate.schedule import TargetSchedule, schedule_from_json, schedule_to_json
 from omnisky.generate.templates import template_for
-from omnisky.shards.writer import shard_urls
+from omnisky.shards.writer import read_manifest, shard_urls
 
 from test_fm import TINY, structured_tokens, train_structured
 
@@ -182,8 +182,8 @@ def tiny_models(sky_shards, tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("gen")
     samples = list(stream(shard_urls(sky_shards)))
-    scalar = ScalarTokenizer(ScalarConfig(n_bins=8))
-    scalar.fit(r for s in samples for k, r in s.records.items() if k.startswith("scalar."))
+    scalar = ScalarTokenizer(ScalarConfig(n_bins=8, colours=(("flux_g", "flux_r"), ("flux_r", "flux_i"))))
+    scalar.fit(s.records for s in samples)
     scalar.save(root / "tok" / "scalar")
     for kind, tok in (("image", ImageTokenizer(ImageConfig(size=32))), ("spectrum", SpectrumTokenizer(SpectrumConfig()))):
         recs = [r for s in samples for k, r in s.records.items() if k.startswith(kind)][:8]
@@ -372,3 +372,18 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     assert (tiny_models / "report" / "figures" / "translate_0.png").exists()
     assert (tiny_models / "report" / "figures" / "translate_consistent_0.png").exists()
     assert "data consistency" in report and math.isfinite(figures["translation"]["chi2_fm_mean_consistent"])
+
+
+def test_colours_are_tokenized_into_shards_and_given_with_their_fluxes(tiny_models, sky_shards):
+    """The scalar tokenizer's colours become modalities of the token shards and the FM; the
+    pipeline gives a colour wherever both its fluxes are given, and only then."""
+    from omnisky.generate.pipeline import Pipeline
+    modalities = read_manifest(tiny_models / "tokens")["modalities"]
+    assert {"scalar.colour_g_r", "scalar.colour_r_i"} <= set(modalities)
+    sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
+    objs = load_samples(str(sky_shards), 3, need=["scalar.flux_g", "scalar.flux_r", "scalar.flux_i"])
+    ids = sky.tokenize(objs, ["scalar.flux_g", "scalar.flux_r"])
+    assert sorted(ids) == ["scalar.colour_g_r", "scalar.flux_g", "scalar.flux_r"]
+    colour = sky.tokenizer("scalar.flux_g").derive(objs[0].records)["scalar.colour_g_r"]
+    assert ids["scalar.colour_g_r"][0, 0] == sky.tokenizer("scalar.flux_g").encode(colour)[0, 0]
+    assert sorted(sky.tokenize(objs, ["scalar.flux_g", "scalar.redshift"])) == ["scalar.flux_g", "scalar.redshift"]

@@ -71,6 +71,43 @@ def test_scalar_round_trip_and_quantile_uniformity(tmp_path):
     assert json.loads((tmp_path / "scalar" / "config.json").read_text())["vocab_size"] == 32
 
 
+def test_scalar_colours_from_pairs_of_fluxes(tmp_path):
+    """Colours are fitted from one mapping of records per object, derived as differences of
+    asinh magnitudes with the fitted softenings, encoded like any scalar and saved."""
+    rng = np.random.default_rng(1)
+    n = 3000
+    f_r = rng.lognormal(1.0, 1.0, n)
+    f_g = f_r * 10 ** (-0.4 * rng.normal(0.8, 0.3, n)) + rng.normal(0, 0.1, n)       # g - r ~ 0.8 mag
+    objects = [{"scalar.flux_g": Scalar("flux_g", float(g), 0.1, object_id=f"o{i}"),
+                "scalar.flux_r": Scalar("flux_r", float(r), 0.2, object_id=f"o{i}")} for i, (g, r) in enumerate(zip(f_g, f_r))]
+    objects.append({"scalar.flux_r": Scalar("flux_r", 1.0, 0.2, object_id="no_g")})   # no colour, still an r
+    cfg = ScalarConfig(names=("flux_g", "flux_r"), n_bins=32, log_names=("flux_g", "flux_r"), colours=(("flux_g", "flux_r"),))
+    tok = ScalarTokenizer(cfg)
+    assert tok.names == ("flux_g", "flux_r", "colour_g_r")
+    report = tok.fit(iter(objects))
+    assert report["colour_g_r"]["n"] == n and report["flux_r"]["n"] == n + 1
+    assert tok.softening[0] == pytest.approx(0.1) and tok.softening[1] == pytest.approx(0.2)
+    derived = tok.derive(objects[0])
+    assert list(derived) == ["scalar.colour_g_r"] and tok.derive(objects[-1]) == {}
+    c = derived["scalar.colour_g_r"]
+    m = lambda f, b: -2.5 / np.log(10) * (np.arcsinh(f / (2 * b)) + np.log(b))       # noqa: E731
+    assert c.value == pytest.approx(m(f_g[0], 0.1) - m(f_r[0], 0.2)) and c.object_id == "o0"
+    assert c.uncertainty == pytest.approx(2.5 / np.log(10) * np.hypot(0.1 / np.hypot(f_g[0], 0.2), 0.2 / np.hypot(f_r[0], 0.4)))
+    colours = [tok.derive(o)["scalar.colour_g_r"] for o in objects[:-1]]
+    bright = f_r > 5                                                                   # colour = g - r there
+    assert np.median(np.array([x.value for x in colours])[bright]) == pytest.approx(0.8, abs=0.05)
+    ids = tok.encode(colours)[:, 0].numpy()
+    assert np.bincount(ids, minlength=32).min() >= 90                                 # ~94 per quantile bin
+    assert tok.derive({**objects[0], "scalar.colour_g_r": c}) == {}                   # a given colour is kept
+    tok.save(tmp_path / "s")
+    again = load_tokenizer(tmp_path / "s")
+    assert again.derive(objects[0]) == derived and torch.equal(again.encode(colours)[:, 0], torch.from_numpy(ids))
+    with pytest.raises(ValueError, match="one mapping of records per object"):
+        ScalarTokenizer(cfg).fit([r for o in objects for r in o.values()])
+    with pytest.raises(ValueError, match="must be two different fluxes in log_names"):
+        ScalarTokenizer(ScalarConfig(names=("redshift", "flux_r"), log_names=("flux_r",), colours=(("redshift", "flux_r"),)))
+
+
 def test_scalar_refuses_bad_input():
     tok = ScalarTokenizer(ScalarConfig(names=("redshift", "r_half"), n_bins=16, log_names=()))
     few = [Scalar("redshift", float(v)) for v in np.linspace(0, 1, 200)] + \
@@ -213,13 +250,16 @@ def test_train_spectrum_figures_and_resume_at_the_checkpoint(tokdir, sky, capsys
 
 def test_train_scalar_fits_bins_from_shards(tokdir, sky):
     tok = load_tokenizer(tokdir / "scalar")
-    assert tok.vocab_size == 8 and set(tok.names) == {"redshift", "flux_g", "flux_r", "flux_i", "flux_z", "r_half"}
+    assert tok.vocab_size == 8 and set(tok.names) == {"redshift", "flux_g", "flux_r", "flux_i", "flux_z", "r_half",
+                                                      "colour_g_r", "colour_r_i", "colour_i_z"}   # launch/ colours
     z = [s.records["scalar.redshift"] for s in stream(shard_urls(sky), decode="raw")
          if "scalar.redshift" in s.records]
     counts = np.bincount(tok.encode(z)[:, 0].numpy(), minlength=8)
     assert counts.max() - counts.min() <= 1, counts  # every shard object was seen: exact quantiles
     report = json.loads((tokdir / "scalar" / "fit_report.json").read_text())
     assert report["redshift"]["n"] == len(z)
+    colours = [r for s in stream(shard_urls(sky), decode="raw") for r in tok.derive(s.records).values()]
+    assert report["colour_r_i"]["n"] == len(colours) // 3 > 0
 
 
 def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path):
@@ -230,8 +270,13 @@ def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path
                    "--batch-size", "5", "--workers", "2"])
     m1, m2 = read_manifest(tmp_path / "t1"), read_manifest(tmp_path / "t2")
     assert m1["shards"] == m2["shards"] and len(m1["shards"]) == 3  # byte-identical (sha256)
+    toks = {kind: load_tokenizer(tokdir / kind) for kind in ("image", "scalar", "spectrum")
+            if (tokdir / kind / "config.json").exists()}
     raw = list(stream(shard_urls(sky), decode="raw"))
+    for s in raw:                                      # + the colours the scalar tokenizer derives
+        s.records.update(toks["scalar"].derive(s.records))
     keys = sorted({k for s in raw for k in s.records})
+    assert {"scalar.colour_g_r", "scalar.colour_r_i", "scalar.colour_i_z"} <= set(keys)
     tokenized = [k for k in keys if HAS_SPECTRUM or not k.startswith("spectrum.")]
     assert sorted(m1["modalities"]) == tokenized
     assert m1["modalities"]["image.hsc"] == dict(kind="image", vocab_size=1000, n_tokens=64, tokenizer="image",
@@ -243,8 +288,6 @@ def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path
     assert m1["summary"]["failed"] == 0 and m1["total"] == len(raw)
     if not HAS_SPECTRUM:
         assert m1["summary"]["skipped_no_tokenizer"]["spectrum.sdss"] == sum("spectrum.sdss" in s.records for s in raw)
-    toks = {kind: load_tokenizer(tokdir / kind) for kind in ("image", "scalar", "spectrum")
-            if (tokdir / kind / "config.json").exists()}
     out = list(stream(shard_urls(tmp_path / "t1"), decode="tokens"))
     assert [o[0] for o in out] == [s.object_id for s in raw]  # same objects, same order
     for key in tokenized:

@@ -15,6 +15,10 @@ mirrors; all of an object's surveys alike, spectra and scalars unchanged); a sha
 all objects' identity copies first, then all rot90 copies, and so on, so the copies of one
 object lie a shard's length apart in the stream.
 
+A scalar tokenizer's derived names (colours from pairs of fluxes, tokenizers.colours)
+are made from each object's records before encoding and written as modalities of their
+own (`scalar.colour_g_r`), so the FM sees them like any catalog scalar.
+
 Each token sample is `codec.encode_tokens(object_id, {key: int32 (n,)},
 meta={'params': ..., 'present': [keys]})`. Modalities with no tokenizer are skipped and
 counted; an object with a bad record is skipped with a warning naming it and counted.
@@ -112,6 +116,9 @@ def tokenize_shard(url: str, out_dir: str, prefix: str, index: int, batch_size: 
     """Encode one raw shard into out_dir/<prefix>-<index>.tar; returns its entry and counts."""
     stats = StreamStats()                     # a corrupt shard or sample: skipped, warned, counted
     samples = list(stream([url], decode="raw", shuffle=0, split=False, stats=stats))
+    if "scalar" in _TOKENIZERS:   # derived scalars (colours from fluxes) become modalities of their own
+        for s in samples:
+            s.records.update(_TOKENIZERS["scalar"].derive(s.records))
     n_in = len(samples)
     samples = [dihedral(s, name) for name in DIHEDRAL[:augment] for s in samples]   # transform-major
     keys = sorted({k for s in samples for k in s.records})

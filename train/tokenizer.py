@@ -231,9 +231,7 @@ def fit_scalar(cfg: TokenizerTrainConfig, urls: list[str], out: Path) -> None:
     tok = build_tokenizer(cfg)
     keys = [f"scalar.{n}" for n in tok.names]
     t0 = time.time()
-    records = (s.records[k] for s in stream(urls, decode="raw", shuffle=0, split=False)
-               for k in keys if k in s.records)
-    report = tok.fit(records)
+    report = tok.fit(s.records for s in stream(urls, decode="raw", shuffle=0, split=False))   # one mapping per object
     tok.save(out)
     (out / "fit_report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     import matplotlib

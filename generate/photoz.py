@@ -22,6 +22,7 @@ import torch
 from ..fm.model import FMConfig, FourM
 from ..fm.modality import ModalityTable
 from ..shards.schema import Sample, Scalar
+from ..tokenizers.colours import asinh_magnitude
 from ..tokenizers.scalar import ScalarConfig, ScalarTokenizer
 
 OUTLIER_DZ = 0.15
@@ -56,7 +57,7 @@ def coverage(lo, hi, truth) -> float:
 
 def flux_features(fluxes: np.ndarray, softening: float | np.ndarray = 0.1) -> np.ndarray:
     """(N, B) fluxes (nanomaggies) -> (N, 2B - 1) asinh magnitudes and adjacent colours."""
-    mags = -2.5 / np.log(10) * np.arcsinh(np.asarray(fluxes, np.float64) / (2 * softening))
+    mags = asinh_magnitude(fluxes, softening)                                     # (N, B)
     return np.concatenate([mags, mags[:, :-1] - mags[:, 1:]], axis=1)
 
 

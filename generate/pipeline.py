@@ -74,12 +74,12 @@ class Pipeline:
         """{key: LongTensor (B, n)}; rows of objects lacking `key` are all -1 (not given).
         Scalars the scalar tokenizer derives (colours) and the model knows join the given
         keys wherever their fluxes are given: a model trained with colours uses them."""
-        records = [dict(s.records) for s in samples]
-        derive = getattr(self.tokenizers.get("scalar"), "derive", None)
-        if derive is not None:
-            extra = set()
+        records = [s.records for s in samples]
+        scalar = self.tokenizers.get("scalar")
+        if getattr(scalar, "colours", ()):
+            records, extra = [dict(r) for r in records], set()
             for recs in records:
-                new = {k: r for k, r in derive({k: r for k, r in recs.items() if k in keys}).items()
+                new = {k: r for k, r in scalar.derive({k: r for k, r in recs.items() if k in keys}).items()
                        if k in self.n_tokens}
                 recs.update(new)
                 extra |= set(new)

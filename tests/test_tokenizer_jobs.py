@@ -99,6 +99,7 @@ def test_scalar_colours_from_pairs_of_fluxes(tmp_path):
     ids = tok.encode(colours)[:, 0].numpy()
     assert np.bincount(ids, minlength=32).min() >= 90                                 # ~94 per quantile bin
     assert tok.derive({**objects[0], "scalar.colour_g_r": c}) == {}                   # a given colour is kept
+    assert tok.derive({**objects[0], "scalar.flux_g": Scalar("flux_g", float("nan"), 0.1)}) == {}   # bad flux: none
     tok.save(tmp_path / "s")
     again = load_tokenizer(tmp_path / "s")
     assert again.derive(objects[0]) == derived and torch.equal(again.encode(colours)[:, 0], torch.from_numpy(ids))

@@ -38,8 +38,10 @@ def colour_name(a: str, b: str) -> str:
 
 
 def asinh_magnitude(flux, softening: float) -> np.ndarray:
-    """asinh magnitude of `flux` (any shape) for softening b > 0 (zero point: flux 1)."""
-    return -MAG_PER_ASINH * (np.arcsinh(np.asarray(flux, np.float64) / (2.0 * softening)) + math.log(softening))
+    """asinh magnitude of `flux` (any shape) for softening b > 0 (a float, or an array that
+    broadcasts against flux, e.g. one per band); zero point: flux 1."""
+    b = np.asarray(softening, np.float64)
+    return -MAG_PER_ASINH * (np.arcsinh(np.asarray(flux, np.float64) / (2.0 * b)) + np.log(b))
 
 
 def colour_and_sigma(fa, sa, fb, sb, ba: float, bb: float) -> tuple[np.ndarray, np.ndarray]:

@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     res["conditional"] = evaluate_conditional(pipe, load_samples(args.data, n, cond_need), figdir, seed,
                                               catalog=catalog, **sched)
     zs = load_samples(args.data, args.n_redshift + args.n_calibration, ["image.des", "scalar.redshift"] + FLUXES)
-    z_train = load_samples(args.train_data, args.n_train_redshift or 10 ** 9, ["image.des", "scalar.redshift"] + FLUXES)
+    z_train = load_samples(args.train_data, args.n_train_redshift or 10 ** 9, ["scalar.redshift"] + FLUXES)
     res["redshift"] = evaluate_redshift(pipe, *heldout_split(zs, args.n_redshift), z_train, seed)
     res["calibration_coverage68"] = res["redshift"]["coverage68"]
     sdss = default_sdss_catalog() if args.sdss == "auto" else (None if args.sdss == "none" else Path(args.sdss))

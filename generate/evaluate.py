@@ -290,7 +290,10 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
                       label_fraction: float = 0.01) -> dict:
     """With `calibration` (held-out objects disjoint from `test` and from the FM's training
     set) the posterior's temperature is fitted on them (generate.calibration) and the
-    figures are those of the calibrated posterior; `*_t1` are the uncalibrated ones."""
+    figures are those of the calibrated posterior; `*_t1` are the uncalibrated ones.
+    `train`: the FM's training objects; the gradient-boosting baseline learns from every one
+    with fluxes and a redshift (the labels the FM saw), the embedding rows from those that
+    also hold the given image."""
     given, key = list(given), "scalar.redshift"
     z = np.array([s.records[key].value for s in test])
     post = pipe.predict(test, given, key)
@@ -307,23 +310,32 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
                    fm=redshift_metrics(post["median"], z), coverage68=coverage(post["lo68"], post["hi68"], z))
     if not train:
         return out
+    # every training object with fluxes and a redshift, as the FM had them all as tokens
+    train = [s for s in train if all(k in s.records for k in (key, *FLUXES))]
     z_train = np.array([s.records[key].value for s in train])
-    gb = gradient_boosting(_flux_table(train), z_train, seed)
-    z_gb = gb.predict(_flux_table(test))
+    z_gb = gradient_boosting(_flux_table(train), z_train, seed).predict(_flux_table(test))
     out["baseline_gb_fluxes"] = dict(redshift_metrics(z_gb, z), n_labels=len(train),
                                      method="sklearn HistGradientBoostingRegressor on asinh magnitudes + colours")
-    # the embeddings as features for downstream science: the same gradient boosting, same labels,
-    # with the FM encoder's pooled embedding of the image beside the fluxes
+    # the embeddings as features for downstream science: the same gradient boosting on the training
+    # objects that also have the image, with the FM encoder's pooled embedding of the image beside
+    # the fluxes, against the fluxes alone on those same labels (paired bootstrap)
     img = [g for g in given if g.startswith("image.")]
-    if img:
+    seen = [i for i, s in enumerate(train) if all(g in s.records for g in img)]
+    sub, z_sub = [train[i] for i in seen], z_train[seen]
+    if img and len(sub) >= 10:
+        z_gb_sub = gradient_boosting(_flux_table(sub), z_sub, seed).predict(_flux_table(test))
         feats = lambda objs: np.hstack([_flux_table(objs), pipe.embed(objs, img)])          # noqa: E731
-        z_emb = gradient_boosting(feats(train), z_train, seed).predict(feats(test))
+        z_emb = gradient_boosting(feats(sub), z_sub, seed).predict(feats(test))
         out["gb_fluxes_and_embeddings"] = dict(
-            redshift_metrics(z_emb, z), n_labels=len(train), embedded=img,
-            bootstrap_win_rate_vs_gb_fluxes=bootstrap_win_rate(z_emb, z_gb, z),
+            redshift_metrics(z_emb, z), n_labels=len(sub), embedded=img,
+            gb_fluxes_same_labels=redshift_metrics(z_gb_sub, z),
+            bootstrap_win_rate_vs_gb_fluxes=bootstrap_win_rate(z_emb, z_gb_sub, z),
             method="the same gradient boosting on the fluxes' features + the pooled encoder embedding of the image")
+    # 1% of the labels, drawn among the objects that have every given modality (the probe embeds them)
     rng = np.random.default_rng(seed)
-    few = rng.choice(len(train), max(5, int(round(label_fraction * len(train)))), replace=False)
+    full = [i for i, s in enumerate(train) if all(g in s.records for g in given)]
+    few = [full[i] for i in rng.choice(len(full), min(len(full), max(5, int(round(label_fraction * len(train))))),
+                                       replace=False)]
     emb_train, emb_test = pipe.embed([train[i] for i in few], given), pipe.embed(test, given)
     probe = LinearProbe.fit(emb_train, z_train[few])
     out["few_labels"] = dict(n_labels=len(few), fraction=label_fraction,

@@ -210,6 +210,15 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
         assert 5 <= t["consistency"]["fit"]["n_objects"] <= 12 and -1 <= t["shape"]["fm_consistent"]["corr"] <= 1
     assert 0 <= res["calibration_coverage68"] <= 1 and "probe_on_embeddings" in res["redshift"]["few_labels"]
     assert 0 <= res["redshift"]["gb_fluxes_and_embeddings"]["bootstrap_win_rate_vs_gb_fluxes"] <= 1
+    # the baseline learns from every labelled object with fluxes (as the FM did), the embedding rows
+    # from those that also hold the image, compared with the fluxes alone on those same labels
+    fluxes = ["scalar.redshift"] + [f"scalar.flux_{b}" for b in "griz"]
+    labelled = [s for s in stream(shard_urls(sky_shards)) if all(k in s.records for k in fluxes)]
+    with_image = [s for s in labelled if "image.des" in s.records]
+    assert len(with_image) < len(labelled)           # the fixture has objects without the image
+    assert res["redshift"]["baseline_gb_fluxes"]["n_labels"] == len(labelled)
+    assert res["redshift"]["gb_fluxes_and_embeddings"]["n_labels"] == len(with_image)
+    assert "sigma_nmad" in res["redshift"]["gb_fluxes_and_embeddings"]["gb_fluxes_same_labels"]
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10
     assert res["budget"]["fm"]["params"] > 0
     cond = res["conditional"]

@@ -166,7 +166,8 @@ def render_markdown(r: dict) -> str:
         f = z["few_labels"]
         for name, key in (("linear probe on omnisky embeddings", "probe_on_embeddings"), ("gradient boosting on fluxes", "gb_fluxes")):
             m = f[key]
-            lines.append(f"| {name} ({f['n_labels']} labels) | {m['sigma_nmad']:.3f} | {m['outlier_frac']:.3f} | {m['bias']:.3f} |")
+            lines.append(f"| {name} ({f['n_labels']} labels, median of {f['n_draws']} draws; the probe better in "
+                         f"{f['probe_win_rate']:.0%}) | {m['sigma_nmad']:.3f} | {m['outlier_frac']:.3f} | {m['bias']:.3f} |")
     if "calibration" in z:
         c = z["calibration"]
         lo, mid, hi = c["levels68"]

@@ -219,6 +219,8 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     assert res["redshift"]["baseline_gb_fluxes"]["n_labels"] == len(labelled)
     assert res["redshift"]["gb_fluxes_and_embeddings"]["n_labels"] == len(with_image)
     assert "sigma_nmad" in res["redshift"]["gb_fluxes_and_embeddings"]["gb_fluxes_same_labels"]
+    few = res["redshift"]["few_labels"]
+    assert few["n_draws"] == 10 and 0 <= few["probe_win_rate"] <= 1 and few["probe_on_embeddings"]["sigma_nmad"] >= 0
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10
     assert res["budget"]["fm"]["params"] > 0
     cond = res["conditional"]

@@ -47,7 +47,7 @@ from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
 from .photoz import (SDSS_BANDS, bootstrap_win_rate, catalog_samples, coverage, flux_features, gradient_boosting,
                      read_sdss_catalog, redshift_metrics, train_catalog_fm)
-from .probe import LinearProbe
+from .probe import LinearProbe, PrincipalComponents
 
 FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
 REDSHIFT_OBJECTS = 400      # held-out objects the redshift posterior is scored on (one forward pass each)
@@ -282,6 +282,9 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
     return out
 
 
+EMBEDDING_COMPONENTS = (4, 8, 16, 32)    # principal components of the embedding tried beside the fluxes
+
+
 def _flux_table(samples) -> np.ndarray:
     return flux_features(np.array([[s.records[k].value for k in FLUXES] for s in samples]))
 
@@ -317,20 +320,32 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
     out["baseline_gb_fluxes"] = dict(redshift_metrics(z_gb, z), n_labels=len(train),
                                      method="sklearn HistGradientBoostingRegressor on asinh magnitudes + colours")
     # the embeddings as features for downstream science: the same gradient boosting on the training
-    # objects that also have the image, with the FM encoder's pooled embedding of the image beside
-    # the fluxes, against the fluxes alone on those same labels (paired bootstrap)
+    # objects that also have the image, with the leading principal components of the FM encoder's
+    # pooled image embedding beside the fluxes (their number chosen on the calibration objects),
+    # against the fluxes alone on those same labels (paired bootstrap)
     img = [g for g in given if g.startswith("image.")]
     seen = [i for i, s in enumerate(train) if all(g in s.records for g in img)]
     sub, z_sub = [train[i] for i in seen], z_train[seen]
     if img and len(sub) >= 10:
         z_gb_sub = gradient_boosting(_flux_table(sub), z_sub, seed).predict(_flux_table(test))
-        feats = lambda objs: np.hstack([_flux_table(objs), pipe.embed(objs, img)])          # noqa: E731
-        z_emb = gradient_boosting(feats(sub), z_sub, seed).predict(feats(test))
+        e_sub = pipe.embed(sub, img)
+        pcs = PrincipalComponents.fit(e_sub)
+        fit_k = lambda k: gradient_boosting(np.hstack([_flux_table(sub), pcs.project(e_sub, k)]), z_sub, seed)  # noqa: E731
+        feats = lambda objs, k: np.hstack([_flux_table(objs), pcs.project(pipe.embed(objs, img), k)])        # noqa: E731
+        chosen, on_calibration = EMBEDDING_COMPONENTS[len(EMBEDDING_COMPONENTS) // 2], {}
+        if calibration:
+            z_cal = np.array([s.records[key].value for s in calibration])
+            on_calibration = {k: redshift_metrics(fit_k(k).predict(feats(calibration, k)), z_cal)["sigma_nmad"]
+                              for k in EMBEDDING_COMPONENTS}
+            chosen = min(on_calibration, key=on_calibration.get)
+        z_emb = fit_k(chosen).predict(feats(test, chosen))
         out["gb_fluxes_and_embeddings"] = dict(
-            redshift_metrics(z_emb, z), n_labels=len(sub), embedded=img,
+            redshift_metrics(z_emb, z), n_labels=len(sub), embedded=img, n_components=chosen,
+            calibration_sigma_nmad_by_components=on_calibration,
             gb_fluxes_same_labels=redshift_metrics(z_gb_sub, z),
             bootstrap_win_rate_vs_gb_fluxes=bootstrap_win_rate(z_emb, z_gb_sub, z),
-            method="the same gradient boosting on the fluxes' features + the pooled encoder embedding of the image")
+            method="the same gradient boosting on the fluxes' features + the leading principal components of "
+                   "the pooled encoder embedding of the image")
     # 1% of the labels, drawn `label_draws` times among the objects that have every given modality
     # (the probe embeds them): one draw of ~15 labels decides little, so the figures are the
     # medians over the draws and the probe's win rate against gradient boosting on the same draws

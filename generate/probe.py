@@ -4,6 +4,8 @@
     probe = LinearProbe.fit(emb[labelled], z[labelled])       # ridge, alpha by leave-one-out
     z_hat = probe.predict(emb)
     idx, sim = similarity_search(emb[:1], emb, k=5)           # the 5 most similar objects
+    pcs = PrincipalComponents.fit(emb[labelled])               # features for a tree model
+    x = np.hstack([fluxes, pcs.project(emb, k=8)])             # (N, F + 8)
 
 The probe standardises the embeddings (train mean and scale), then fits ridge regression
 in closed form for each alpha of a grid and keeps the one with the lowest exact
@@ -56,6 +58,30 @@ class LinearProbe:
     def predict(self, x: np.ndarray) -> np.ndarray:
         out = ((np.asarray(x, np.float64) - self.mean) / self.scale) @ self.weight + self.bias
         return out[:, 0] if out.shape[1] == 1 else out
+
+
+@dataclass
+class PrincipalComponents:
+    """The leading principal axes of a set of embeddings. A tree model fed the whole (N, D)
+    embedding beside a few catalog features splits on its noise (the demo's redshift from
+    fluxes + a 128-d image embedding: worse than the fluxes alone); its first k components
+    (8-16 there) carry what helps."""
+    mean: np.ndarray        # (D,)
+    axes: np.ndarray        # (r, D), rows by decreasing variance
+    variance: np.ndarray    # (r,) variance along each axis
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "PrincipalComponents":
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"PrincipalComponents.fit: x must be (N >= 2, D); got {x.shape}")
+        mean = x.mean(0)
+        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        return cls(mean, vt, s ** 2 / (len(x) - 1))
+
+    def project(self, x: np.ndarray, k: int) -> np.ndarray:
+        """(N, k) coordinates along the first k axes (all of them if fewer)."""
+        return (np.asarray(x, np.float64) - self.mean) @ self.axes[:k].T
 
 
 def similarity_search(queries: np.ndarray, pool: np.ndarray, k: int = 5,

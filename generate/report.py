@@ -159,7 +159,8 @@ def render_markdown(r: dict) -> str:
         if "gb_fluxes_and_embeddings" in z:
             e = z["gb_fluxes_and_embeddings"]
             g = e["gb_fluxes_same_labels"]
-            lines.append(f"| the same gradient boosting on fluxes + omnisky's image embedding ({e['n_labels']} labels, "
+            lines.append(f"| the same gradient boosting on fluxes + omnisky's image embedding (its first "
+                         f"{e['n_components']} principal components, chosen on the calibration objects; {e['n_labels']} labels, "
                          f"the objects with the image; on their fluxes alone {g['sigma_nmad']:.3f} / "
                          f"{g['outlier_frac']:.3f}: better in {e['bootstrap_win_rate_vs_gb_fluxes']:.0%} of bootstrap "
                          f"resamplings) | {e['sigma_nmad']:.3f} | {e['outlier_frac']:.3f} | {e['bias']:.3f} |")

@@ -18,7 +18,7 @@ from omnisky.generate.measure import (EMISSION_LINES, half_light_radius, image_e
 from omnisky.generate.outputs import write_npz
 from omnisky.generate.photoz import (bootstrap_win_rate, catalog_samples, coverage, redshift_metrics, scalar_masked_batch,
                                      train_catalog_fm)
-from omnisky.generate.probe import LinearProbe, similarity_search
+from omnisky.generate.probe import LinearProbe, PrincipalComponents, similarity_search
 from omnisky.generate.templates import template_for
 from omnisky.shards.reader import stream
 from omnisky.shards.writer import shard_urls
@@ -134,6 +134,19 @@ def test_linear_probe_and_similarity_search():
         similarity_search(x[:, :3], x)
 
 
+def test_principal_components_find_the_signal_axes_of_an_embedding():
+    rng = np.random.default_rng(2)
+    basis = np.linalg.qr(rng.normal(size=(32, 2)))[0].T                     # (2, 32) orthonormal
+    x = 5.0 + rng.normal(size=(500, 2)) * [4.0, 2.0] @ basis + 0.05 * rng.normal(size=(500, 32))
+    pcs = PrincipalComponents.fit(x)
+    assert pcs.project(x, 3).shape == (500, 3) and pcs.project(x[:1], 100).shape == (1, 32)
+    assert np.all(np.diff(pcs.variance) <= 0) and abs(pcs.variance[0] / pcs.variance[1] - 4.0) < 1.0
+    assert np.linalg.norm(pcs.axes[:2] @ basis.T, axis=1).min() > 0.99       # spans the signal plane
+    assert abs(pcs.project(x, 2).mean(0)).max() < 1e-9                       # centred on the training mean
+    with pytest.raises(ValueError, match="PrincipalComponents.fit"):
+        PrincipalComponents.fit(x[:1])
+
+
 def test_redshift_metrics_and_coverage():
     z = np.array([0.1, 0.2, 0.3, 0.4])
     m = redshift_metrics(z + np.array([0.0, 0.0, 0.0, 0.5]), z)
@@ -218,7 +231,12 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     assert len(with_image) < len(labelled)           # the fixture has objects without the image
     assert res["redshift"]["baseline_gb_fluxes"]["n_labels"] == len(labelled)
     assert res["redshift"]["gb_fluxes_and_embeddings"]["n_labels"] == len(with_image)
-    assert "sigma_nmad" in res["redshift"]["gb_fluxes_and_embeddings"]["gb_fluxes_same_labels"]
+    emb = res["redshift"]["gb_fluxes_and_embeddings"]
+    assert "sigma_nmad" in emb["gb_fluxes_same_labels"]
+    # the number of embedding components is chosen on the calibration objects, never on the test set
+    assert set(emb["calibration_sigma_nmad_by_components"]) == {4, 8, 16, 32}
+    assert emb["n_components"] == min(emb["calibration_sigma_nmad_by_components"],
+                                      key=emb["calibration_sigma_nmad_by_components"].get)
     few = res["redshift"]["few_labels"]
     assert few["n_draws"] == 10 and 0 <= few["probe_win_rate"] <= 1 and few["probe_on_embeddings"]["sigma_nmad"] >= 0
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10

@@ -26,9 +26,11 @@ without the model. Used by `omnisky-generate report` (markdown) and `bench/eval.
 - redshift (scalar.redshift | image.des + fluxes): sigma_NMAD, outlier fraction, bias of
   the posterior median, and the 68% interval's coverage, of the posterior calibrated on
   held-out calibration objects (and uncalibrated, `*_t1`); gradient boosting on the same
-  fluxes with the training objects' labels (the report and bench/eval.py give it every
-  training redshift, as the FM had); with 1% of those labels: a linear probe on embeddings
-  beside gradient boosting on the same few labels;
+  fluxes with every training object that has fluxes and a redshift (the labels the FM
+  had); the same gradient boosting given the image embedding's leading principal
+  components too, on the training objects with the image, against the fluxes alone on
+  those labels; with 1% of the labels (ten draws): a linear probe on embeddings beside
+  gradient boosting on the same few labels;
 - real SDSS catalog: a scalar tokenizer and a small FM trained on a split of the catalog
   against gradient boosting on the other split.
 """

@@ -330,17 +330,17 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
     sub, z_sub = [train[i] for i in seen], z_train[seen]
     if img and len(sub) >= 10:
         z_gb_sub = gradient_boosting(_flux_table(sub), z_sub, seed).predict(_flux_table(test))
-        e_sub = pipe.embed(sub, img)
+        e_sub = pipe.embed(sub, img)                                                        # (N, D)
         pcs = PrincipalComponents.fit(e_sub)
-        fit_k = lambda k: gradient_boosting(np.hstack([_flux_table(sub), pcs.project(e_sub, k)]), z_sub, seed)  # noqa: E731
-        feats = lambda objs, k: np.hstack([_flux_table(objs), pcs.project(pipe.embed(objs, img), k)])        # noqa: E731
+        feats = lambda objs, emb, k: np.hstack([_flux_table(objs), pcs.project(emb, k)])    # noqa: E731
+        fit_k = lambda k: gradient_boosting(feats(sub, e_sub, k), z_sub, seed)              # noqa: E731
         chosen, on_calibration = EMBEDDING_COMPONENTS[len(EMBEDDING_COMPONENTS) // 2], {}
         if calibration:
-            z_cal = np.array([s.records[key].value for s in calibration])
-            on_calibration = {k: redshift_metrics(fit_k(k).predict(feats(calibration, k)), z_cal)["sigma_nmad"]
+            z_cal, e_cal = np.array([s.records[key].value for s in calibration]), pipe.embed(calibration, img)
+            on_calibration = {k: redshift_metrics(fit_k(k).predict(feats(calibration, e_cal, k)), z_cal)["sigma_nmad"]
                               for k in EMBEDDING_COMPONENTS}
             chosen = min(on_calibration, key=on_calibration.get)
-        z_emb = fit_k(chosen).predict(feats(test, chosen))
+        z_emb = fit_k(chosen).predict(feats(test, pipe.embed(test, img), chosen))
         out["gb_fluxes_and_embeddings"] = dict(
             redshift_metrics(z_emb, z), n_labels=len(sub), embedded=img, n_components=chosen,
             calibration_sigma_nmad_by_components=on_calibration,
@@ -352,9 +352,11 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
     # (the probe embeds them): one draw of ~15 labels decides little, so the figures are the
     # medians over the draws and the probe's win rate against gradient boosting on the same draws
     full = [i for i, s in enumerate(train) if all(g in s.records for g in given)]
-    k = min(len(full), max(5, int(round(label_fraction * len(train)))))
+    n_few = min(len(full), max(5, int(round(label_fraction * len(train)))))
+    if n_few < 3:
+        return out
     rng = np.random.default_rng(seed)
-    draws = [rng.choice(full, k, replace=False) for _ in range(label_draws)]
+    draws = [rng.choice(full, n_few, replace=False) for _ in range(label_draws)]
     used = sorted({int(i) for d in draws for i in d})
     emb = dict(zip(used, pipe.embed([train[i] for i in used], given)))
     emb_test, flux_test = pipe.embed(test, given), _flux_table(test)
@@ -365,7 +367,7 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
         gb_m.append(redshift_metrics(gradient_boosting(_flux_table([train[i] for i in d]), z_train[d], seed)
                                      .predict(flux_test), z))
     med = lambda ms: {m: float(np.median([r[m] for r in ms])) for m in ("sigma_nmad", "outlier_frac", "bias")}  # noqa: E731
-    out["few_labels"] = dict(n_labels=k, fraction=label_fraction, n_draws=label_draws,
+    out["few_labels"] = dict(n_labels=n_few, fraction=label_fraction, n_draws=label_draws,
                              probe_on_embeddings=med(probe_m), gb_fluxes=med(gb_m),
                              probe_win_rate=float(np.mean([a["sigma_nmad"] < b["sigma_nmad"]
                                                            for a, b in zip(probe_m, gb_m)])))

@@ -65,7 +65,7 @@ class PrincipalComponents:
     """The leading principal axes of a set of embeddings. A tree model fed the whole (N, D)
     embedding beside a few catalog features splits on its noise (the demo's redshift from
     fluxes + a 128-d image embedding: worse than the fluxes alone); its first k components
-    (8-16 there) carry what helps."""
+    (4 to 32 there, k chosen on held-out objects) carry what helps."""
     mean: np.ndarray        # (D,)
     axes: np.ndarray        # (r, D), rows by decreasing variance
     variance: np.ndarray    # (r,) variance along each axis

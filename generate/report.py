@@ -164,8 +164,9 @@ def render_markdown(r: dict) -> str:
                          f"the objects with the image; on their fluxes alone {g['sigma_nmad']:.3f} / "
                          f"{g['outlier_frac']:.3f}: better in {e['bootstrap_win_rate_vs_gb_fluxes']:.0%} of bootstrap "
                          f"resamplings) | {e['sigma_nmad']:.3f} | {e['outlier_frac']:.3f} | {e['bias']:.3f} |")
-        f = z["few_labels"]
-        for name, key in (("linear probe on omnisky embeddings", "probe_on_embeddings"), ("gradient boosting on fluxes", "gb_fluxes")):
+        f = z.get("few_labels")
+        for name, key in (("linear probe on omnisky embeddings", "probe_on_embeddings"),
+                          ("gradient boosting on fluxes", "gb_fluxes")) if f else ():
             m = f[key]
             lines.append(f"| {name} ({f['n_labels']} labels, median of {f['n_draws']} draws; the probe better in "
                          f"{f['probe_win_rate']:.0%}) | {m['sigma_nmad']:.3f} | {m['outlier_frac']:.3f} | {m['bias']:.3f} |")

@@ -98,7 +98,9 @@ def main(argv=None) -> dict:
     p.add_argument("--n-train-redshift", type=int, default=0,
                    help="training objects whose labels gradient boosting and the probe get (0 = all, as the FM)")
     p.add_argument("--sdss", default="auto", help="SDSS catalog FITS ('auto': the shared data; 'none': skip)")
-    p.add_argument("--sdss-steps", type=int, default=2000, help="FM steps on the SDSS catalog")
+    p.add_argument("--sdss-steps", type=int, default=16000,
+                   help="FM steps of 128 objects on the SDSS catalog (sigma_NMAD 0.0164 / 0.0152 / 0.0143 at "
+                        "2,000 / 6,000 / 16,000, ~5 min on one core; gradient boosting 0.0143)")
     p.add_argument("--sdss-rows", type=int, default=0, help="use only this many catalog rows (0 = all)")
     p.add_argument("--steps", type=int, default=8, help="sampler steps per target")
     p.add_argument("--temperature", type=float, default=1.0)

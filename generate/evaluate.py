@@ -318,7 +318,8 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
     # every training object with fluxes and a redshift, as the FM had them all as tokens
     train = [s for s in train if all(k in s.records for k in (key, *FLUXES))]
     z_train = np.array([s.records[key].value for s in train])
-    z_gb = gradient_boosting(_flux_table(train), z_train, seed).predict(_flux_table(test))
+    f_train, f_test = _flux_table(train), _flux_table(test)                                 # (N, F)
+    z_gb = gradient_boosting(f_train, z_train, seed).predict(f_test)
     out["baseline_gb_fluxes"] = dict(redshift_metrics(z_gb, z), n_labels=len(train),
                                      method="sklearn HistGradientBoostingRegressor on asinh magnitudes + colours")
     # the embeddings as features for downstream science: the same gradient boosting on the training
@@ -327,22 +328,23 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
     # against the fluxes alone on those same labels (paired bootstrap)
     img = [g for g in given if g.startswith("image.")]
     seen = [i for i, s in enumerate(train) if all(g in s.records for g in img)]
-    sub, z_sub = [train[i] for i in seen], z_train[seen]
-    if img and len(sub) >= 10:
-        z_gb_sub = gradient_boosting(_flux_table(sub), z_sub, seed).predict(_flux_table(test))
-        e_sub = pipe.embed(sub, img)                                                        # (N, D)
+    f_sub, z_sub = f_train[seen], z_train[seen]
+    if img and len(seen) >= 10:
+        z_gb_sub = gradient_boosting(f_sub, z_sub, seed).predict(f_test)
+        e_sub = pipe.embed([train[i] for i in seen], img)                                   # (N, D)
         pcs = PrincipalComponents.fit(e_sub)
-        feats = lambda objs, emb, k: np.hstack([_flux_table(objs), pcs.project(emb, k)])    # noqa: E731
-        fit_k = lambda k: gradient_boosting(feats(sub, e_sub, k), z_sub, seed)              # noqa: E731
-        chosen, on_calibration = EMBEDDING_COMPONENTS[len(EMBEDDING_COMPONENTS) // 2], {}
+        models = {k: gradient_boosting(np.hstack([f_sub, pcs.project(e_sub, k)]), z_sub, seed)
+                  for k in (EMBEDDING_COMPONENTS if calibration else EMBEDDING_COMPONENTS[2:3])}
+        predict = lambda k, f, emb: models[k].predict(np.hstack([f, pcs.project(emb, k)]))   # noqa: E731
+        chosen, on_calibration = next(iter(models)), {}
         if calibration:
             z_cal, e_cal = np.array([s.records[key].value for s in calibration]), pipe.embed(calibration, img)
-            on_calibration = {k: redshift_metrics(fit_k(k).predict(feats(calibration, e_cal, k)), z_cal)["sigma_nmad"]
-                              for k in EMBEDDING_COMPONENTS}
+            f_cal = _flux_table(calibration)
+            on_calibration = {k: redshift_metrics(predict(k, f_cal, e_cal), z_cal)["sigma_nmad"] for k in models}
             chosen = min(on_calibration, key=on_calibration.get)
-        z_emb = fit_k(chosen).predict(feats(test, pipe.embed(test, img), chosen))
+        z_emb = predict(chosen, f_test, pipe.embed(test, img))
         out["gb_fluxes_and_embeddings"] = dict(
-            redshift_metrics(z_emb, z), n_labels=len(sub), embedded=img, n_components=chosen,
+            redshift_metrics(z_emb, z), n_labels=len(seen), embedded=img, n_components=chosen,
             calibration_sigma_nmad_by_components=on_calibration,
             gb_fluxes_same_labels=redshift_metrics(z_gb_sub, z),
             bootstrap_win_rate_vs_gb_fluxes=bootstrap_win_rate(z_emb, z_gb_sub, z),
@@ -359,13 +361,12 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
     draws = [rng.choice(full, n_few, replace=False) for _ in range(label_draws)]
     used = sorted({int(i) for d in draws for i in d})
     emb = dict(zip(used, pipe.embed([train[i] for i in used], given)))
-    emb_test, flux_test = pipe.embed(test, given), _flux_table(test)
+    emb_test = pipe.embed(test, given)
     probe_m, gb_m = [], []
     for d in draws:
         probe = LinearProbe.fit(np.stack([emb[int(i)] for i in d]), z_train[d])
         probe_m.append(redshift_metrics(probe.predict(emb_test), z))
-        gb_m.append(redshift_metrics(gradient_boosting(_flux_table([train[i] for i in d]), z_train[d], seed)
-                                     .predict(flux_test), z))
+        gb_m.append(redshift_metrics(gradient_boosting(f_train[d], z_train[d], seed).predict(f_test), z))
     med = lambda ms: {m: float(np.median([r[m] for r in ms])) for m in ("sigma_nmad", "outlier_frac", "bias")}  # noqa: E731
     out["few_labels"] = dict(n_labels=n_few, fraction=label_fraction, n_draws=label_draws,
                              probe_on_embeddings=med(probe_m), gb_fluxes=med(gb_m),

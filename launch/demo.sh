@@ -22,12 +22,19 @@ omnisky-shards simulate --config launch/sky/tiny.yaml --n "$N" --seed 0 --out "$
 omnisky-shards simulate --config launch/sky/tiny.yaml --n "$N_TEST" --seed 1 --out "$OUT/raw/test" --shard-size 100 --workers "$WORKERS"
 omnisky-shards inspect "$OUT/raw/test" --png "$OUT/sky.png" --n 6
 
-stage "2/6 train the tokenizers, each on its own"
-for kind in image spectrum; do
+stage "2/6 train the tokenizers, each on its own (image and spectrum side by side, one core each)"
+tokenizer() {
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --cpu \
-    -m omnisky.train.tokenizer --config "launch/tokenizers/$kind-tiny.yaml" \
-    --data "$OUT/raw/train" --out "$OUT/tokenizers/$kind" $(sets "$TOK_SET")
-done
+    -m omnisky.train.tokenizer --config "launch/tokenizers/$1-tiny.yaml" \
+    --data "$OUT/raw/train" --out "$OUT/tokenizers/$1" $(sets "$TOK_SET")
+}
+mkdir -p "$OUT/tokenizers"
+echo "spectrum tokenizer: progress in $OUT/tokenizers/spectrum.log"
+tokenizer spectrum > "$OUT/tokenizers/spectrum.log" 2>&1 &
+spectrum_pid=$!
+trap 'kill "$spectrum_pid" 2>/dev/null || true' EXIT    # the image tokenizer failed: stop the spectrum one too
+tokenizer image
+wait "$spectrum_pid" || { tail -n 20 "$OUT/tokenizers/spectrum.log"; exit 1; }
 python -m omnisky.train.tokenizer --config launch/tokenizers/scalar.yaml --data "$OUT/raw/train" --out "$OUT/tokenizers/scalar"
 
 stage "3/6 tokenize the raw shards into token shards"

@@ -3,7 +3,7 @@
 
 An image drawn from the model given the tokens of a catalog's redshift, fluxes and size is a
 draw from its prior: the scalars' bins and the image tokenizer's round trip leave its stamp
-flux and size several catalog sigmas off (README, conditional generation). Like the data
+flux and size several catalog sigmas off (README, Results; bench/RESULTS.md). Like the data
 consistency of translation (`generate.consistency`), `refine_to_catalog` combines the two
 as Gaussians, one number at a time:
 

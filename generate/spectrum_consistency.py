@@ -38,7 +38,7 @@ position of the fitting pairs, against their observed target spectra: on the sim
 sky the SDSS-like spectrum holds the lines the DESI-like one shows at >= 3 sigma at a
 median S/N of only ~1-1.7, so a free line flux adds more noise at the positions without a
 line than it recovers where there is one, and the fit chooses a strongly shrunk prior
-(0.3 A on the demo's model): the lines come back in part (README, Results).
+(0.3 A on the demo's model): the lines come back in part (README, Results; bench/RESULTS.md).
 
 The forward operator A (target pixels -> source pixels): each target pixel's flux density,
 a box of its width, broadened by the Gaussian line spread taking the target's resolution to

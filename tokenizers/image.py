@@ -42,17 +42,17 @@ grows with the pixel's own noisy sb favours its upward fluctuations, and faint g
 wings come out ~0.1 sigma per pixel too bright, which over a 32 x 32 stamp is 2-5 sigma
 of its photometry; `weights_from: neighbours` takes the sb of the weight from the mean
 of the pixel's 8 neighbours instead (`neighbour_mean`), which removes that bias, but the
-tiny FM trained on those tokens did worse (README), so 'data' stays the default. A
+tiny FM trained on those tokens did worse (bench/RESULTS.md), so 'data' stays the default. A
 chi-square in x is also biased where arcsinh bends (S/N 1-10 per pixel): its best fit is
 E[arcsinh(noisy sb)], not arcsinh(true sb). With `residual: flux` the residual is taken in
 sb itself, sb_hat - sb, with variance sigma_sb^2 + min_sigma^2 (softening^2 + sb_w^2) (the
 same floor, in sb), which is linear in the data and so unbiased with 'neighbours'
-(`pixel_chi2`; measured in the README). With `photometry_weight` > 0 the chi-square of
+(`pixel_chi2`; measured in bench/RESULTS.md). With `photometry_weight` > 0 the chi-square of
 k x k block sums of the residual is added (`block_photometry_chi2`).
 
 Brightness scale (token 0, with `scale_bins` > 0). A bright core's amplitude is one
 number the grid codes otherwise have to spell out between them, and a 10% error in it is
-what the min_sigma floor lets pass (README: the bright cores carry ~90% of the chi-square).
+what the min_sigma floor lets pass (bench/RESULTS.md: the bright cores carry ~90% of the chi-square).
 With a scale token the object's peak (the brightest 3 x 3 mean of good pixels over its
 bands) sets g = max(1, peak / (scale_knee x softening)), log10 g is cut into `scale_bins`
 uniform bins over [0, log_scale_max] (token 0, g at the bin's lower edge), and the
@@ -105,7 +105,7 @@ class ImageConfig:
     weights_from: str = "data"      # x's weight from the pixel's own flux ('data': weighs its upward
                                     # fluctuations more, faint wings come out ~0.1 sigma per pixel too bright)
                                     # or 'neighbours', the mean of its 8 neighbours (independent noise): a
-                                    # better round trip, but the tiny FM on its tokens did worse (README)
+                                    # better round trip, but the tiny FM on its tokens did worse (bench/RESULTS.md)
     residual: str = "asinh"         # 'asinh': the chi-square of x_hat - x with x's weight (above); 'flux': of
                                     # sb_hat - sb in surface brightness with sigma_sb^2 + min_sigma^2 (s^2 +
                                     # sb_w^2) as the variance: linear in the data, so no Jensen bias where

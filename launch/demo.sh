@@ -35,6 +35,7 @@ spectrum_pid=$!
 trap 'kill "$spectrum_pid" 2>/dev/null || true' EXIT    # the image tokenizer failed: stop the spectrum one too
 tokenizer image
 wait "$spectrum_pid" || { tail -n 20 "$OUT/tokenizers/spectrum.log"; exit 1; }
+trap - EXIT
 python -m omnisky.train.tokenizer --config launch/tokenizers/scalar.yaml --data "$OUT/raw/train" --out "$OUT/tokenizers/scalar"
 
 stage "3/6 tokenize the raw shards into token shards"

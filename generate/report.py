@@ -127,6 +127,10 @@ def render_markdown(r: dict) -> str:
           f"{_fmt(c.get('roundtrip_flux_abs_pull_median', {}).get(b, float('nan')))} | "
           f"{_fmt(c.get('truth_flux_abs_pull_median', {}).get(b, float('nan')))} |"
           for b, v in c["flux_abs_pull_median"].items()],
+        *[f"| flux {b} against the noiseless truth's stamp | "
+          + " | ".join(_fmt(c.get(f"{pre}flux_abs_pull_truth_stamp_median", {}).get(b, float('nan')))
+                       for pre in ("", "catalog_", "baseline_", "observed_", "roundtrip_")) + " | 0 |"
+          for b in c["flux_abs_pull_median"]],
         f"| half-light radius | {_fmt(c['size_abs_pull_median'])} | {_fmt(c.get('catalog_size_abs_pull_median', float('nan')))} | "
         f"{_fmt(c['baseline_size_abs_pull_median'])} | {_fmt(c['observed_size_abs_pull_median'])} | {_fmt(c.get('roundtrip_size_abs_pull_median', float('nan')))} | 0 |",
         f"| half-light radius, in units of the given r_half's noise | {_fmt(c.get('size_abs_pull_given_median'))} | "

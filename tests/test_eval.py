@@ -199,6 +199,28 @@ def test_write_npz_round_trip(tmp_path):
         assert tuple(f["image.hsc/bands"]) == img.bands and float(f["scalar.redshift/value"]) == 0.0
 
 
+def test_conditional_flux_pulls_against_the_truths_stamp_remove_the_stamp_floor(sky_shards):
+    """A model that draws the noiseless truth itself: its stamp fluxes still sit off the catalog's
+    total fluxes (the light beyond the stamp), but exactly on the truth's own stamp."""
+    from omnisky.generate.evaluate import FLUXES, evaluate_conditional, truth_record
+
+    class TruthPipe:                       # draws the truth; its tokenizer round trip is the identity
+        def sample(self, objects, given, target, seed=0, n_samples=1, **_):
+            return [[truth_record(s, target)] * n_samples for s in objects]
+
+        def tokenizer(self, key):
+            return type("Identity", (), dict(encode=lambda self, r: r, decode=lambda self, t, like: t))()
+
+    test = [s for s in stream(shard_urls(sky_shards)) if "image.des" in s.records
+            and all(k in s.records for k in (*FLUXES, "scalar.redshift", "scalar.r_half"))][:6]
+    c = evaluate_conditional(TruthPipe(), test, n_samples=2)
+    for pre in ("", "mean_"):
+        assert all(v == 0 for v in c[f"{pre}flux_abs_pull_truth_stamp_median"].values())
+        assert c[f"{pre}flux_abs_pull_median"] == c["truth_flux_abs_pull_median"]
+    assert "truth_flux_abs_pull_truth_stamp_median" not in c
+    assert all(v > 0 for v in c["observed_flux_abs_pull_truth_stamp_median"].values())   # the pixels' noise
+
+
 # -- bench/eval.py end to end ---------------------------------------------------------------------
 def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
     sys.path.insert(0, str(ROOT / "bench"))

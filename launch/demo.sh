@@ -3,7 +3,7 @@
 #   simulate -> tokenizers (image, spectrum, scalar; each separately) -> token shards
 #   -> FM under `accelerate launch` on 2 processes with DeepSpeed ZeRO-2
 #   -> survey translation, super-resolution, conditional generation -> demo_out/report.md
-# Sizes can be overridden: N=5000 FM_SET="steps=6000" bash launch/demo.sh
+# Sizes can be overridden: N=5000 FM_SET="steps=12000" bash launch/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo_out}

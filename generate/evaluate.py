@@ -282,7 +282,6 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
         if k != "truth":
             out[f"{pre}flux_abs_pull_truth_stamp_median"] = {b: _median(np.abs(stamp_pulls[k][:, j]))
                                                             for j, b in enumerate(bands)}
-        if k != "truth":
             out[f"{pre}size_abs_pull_median"] = _median(np.abs(d[k]) / size_sigma)
             out[f"{pre}size_abs_pull_given_median"] = _median(np.abs(d[k]) / size_given_sigma)
         if k in chi2:

@@ -169,11 +169,14 @@ def render_markdown(r: dict) -> str:
                          f"{g['outlier_frac']:.3f}: better in {e['bootstrap_win_rate_vs_gb_fluxes']:.0%} of bootstrap "
                          f"resamplings) | {e['sigma_nmad']:.3f} | {e['outlier_frac']:.3f} | {e['bias']:.3f} |")
         f = z.get("few_labels")
-        for name, key in (("linear probe on omnisky embeddings", "probe_on_embeddings"),
-                          ("gradient boosting on fluxes", "gb_fluxes")) if f else ():
+        for name, key, won in (("linear probe on omnisky embeddings", "probe_on_embeddings", None),
+                               ("gradient boosting on fluxes", "gb_fluxes", "probe_win_rate"),
+                               ("the same ridge probe on the fluxes' features", "ridge_fluxes",
+                                "probe_win_rate_vs_ridge_fluxes")) if f else ():
             m = f[key]
-            lines.append(f"| {name} ({f['n_labels']} labels, median of {f['n_draws']} draws; the probe better in "
-                         f"{f['probe_win_rate']:.0%}) | {m['sigma_nmad']:.3f} | {m['outlier_frac']:.3f} | {m['bias']:.3f} |")
+            vs = f"; the embeddings' probe better in {f[won]:.0%}" if won else ""
+            lines.append(f"| {name} ({f['n_labels']} labels, median of {f['n_draws']} draws{vs}) | "
+                         f"{m['sigma_nmad']:.3f} | {m['outlier_frac']:.3f} | {m['bias']:.3f} |")
     if "calibration" in z:
         c = z["calibration"]
         lo, mid, hi = c["levels68"]

@@ -261,6 +261,7 @@ def test_bench_eval_prints_every_figure(tiny_models, sky_shards, capsys):
                                       key=emb["calibration_sigma_nmad_by_components"].get)
     few = res["redshift"]["few_labels"]
     assert few["n_draws"] == 10 and 0 <= few["probe_win_rate"] <= 1 and few["probe_on_embeddings"]["sigma_nmad"] >= 0
+    assert 0 <= few["probe_win_rate_vs_ridge_fluxes"] <= 1 and few["ridge_fluxes"]["sigma_nmad"] >= 0
     assert res["redshift"]["n"] == 6 and res["redshift"]["calibration"]["n"] >= 10
     assert res["budget"]["fm"]["params"] > 0
     cond = res["conditional"]

@@ -373,6 +373,7 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     assert (tiny_models / "report" / "figures" / "translate_consistent_0.png").exists()
     assert "data consistency" in report and math.isfinite(figures["translation"]["chi2_fm_mean_consistent"])
     assert "flux r against the noiseless truth's stamp" in report
+    assert "the same ridge probe on the fluxes' features" in report
 
 
 def test_colours_are_tokenized_into_shards_and_given_with_their_fluxes(tiny_models, sky_shards):

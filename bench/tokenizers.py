@@ -18,7 +18,9 @@ spectrum.desi, real spectrum.desi):
   noiseless truth (simulated only; 0 would be a perfect denoiser). Images also get
   flux_pull_truth: the stamp's photometry, median over objects and bands of |summed
   decoded flux - summed truth| over the sum's noise (a tenth of a sigma per pixel, too
-  small for the chi-square to see, adds up to ~3 over a 32 x 32 stamp).
+  small for the chi-square to see, adds up to ~3 over a 32 x 32 stamp), and
+  chi2_truth_by_class: chi2_truth per object class of the simulated sky (galaxy, star,
+  qso; point sources are bright and sharp, galaxies are most of the median).
 - pca: the same for PCA fitted on the same training records (per band set; a real band
   set uses the training planes with the same filter curves), coefficients uniformly
   quantised at the tokenizer's bits per object, n_tokens * log2(vocab_size). The space
@@ -107,6 +109,12 @@ def residual_by_snr(flux_hats, truths, recs) -> dict:
     return out
 
 
+def by_class(values, classes) -> dict:
+    """Median of per-object figures for each object class ('galaxy', 'star', 'qso')."""
+    values, classes = np.asarray(values), np.asarray(classes)
+    return {str(k): med(values[classes == k]) for k in sorted(set(classes.tolist()))}
+
+
 def code_use(ids: np.ndarray, vocab: int) -> dict:
     counts = np.bincount(ids.reshape(-1), minlength=vocab).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
@@ -182,7 +190,7 @@ def training_planes(train: dict[str, list[Image]], bands: tuple[str, ...]) -> li
     return None
 
 
-def pca_images(train: list[Image], test: list[Image], bits: float, truth=None) -> dict:
+def pca_images(train: list[Image], test: list[Image], bits: float, truth=None, classes=None) -> dict:
     """Best (space, plan) of quantised PCA for `test`; chi2 vs input (and truth)."""
     sigma = np.median(np.stack([[np.median(1 / np.sqrt(r.ivar[c][r.ivar[c] > 0])) for c in range(len(r.bands))]
                                 for r in train]), 0)                    # (C,) training sky sigma per band
@@ -198,8 +206,11 @@ def pca_images(train: list[Image], test: list[Image], bits: float, truth=None) -
             row = dict(chi2_input=med([chi2(f, r.flux, r) for f, r in zip(flux_hat, test)]),
                        space=kind, plan=plan.name, bits=plan.total)
             if truth is not None:
-                row["chi2_truth"] = med([chi2(f, t, r) for f, t, r in zip(flux_hat, truth, test)])
+                per_object = [chi2(f, t, r) for f, t, r in zip(flux_hat, truth, test)]
+                row["chi2_truth"] = med(per_object)
                 row["flux_pull_truth"] = med([flux_pull(f, t, r) for f, t, r in zip(flux_hat, truth, test)])
+                if classes is not None:
+                    row["chi2_truth_by_class"] = by_class(per_object, classes)
             if best is None or row[criterion(truth)] < best[criterion(truth)]:
                 best, best_flux = row, flux_hat
     if truth is not None:
@@ -214,9 +225,10 @@ def bench_images(tok, train_samples, sim_samples, real: dict[str, list[Image]]) 
     bits = bits_of(tok)
     out, all_ids = {"bits_per_object": round(bits, 1)}, []
     sets = [(f"sim.{k}", [s.records[k] for s in sim_samples if k in s.records],
-             [s.truth[k] for s in sim_samples if k in s.records]) for k in keys]
-    sets += [(f"real.{k}", recs, None) for k, recs in real.items()]
-    for name, recs, truth in sets:
+             [s.truth[k] for s in sim_samples if k in s.records],
+             [(s.meta or {}).get("class", "unknown") for s in sim_samples if k in s.records]) for k in keys]
+    sets += [(f"real.{k}", recs, None, None) for k, recs in real.items()]
+    for name, recs, truth, classes in sets:
         if not recs:
             continue
         ids = np.concatenate([tok.encode(recs[i:i + 32]).numpy() for i in range(0, len(recs), 32)])
@@ -225,12 +237,14 @@ def bench_images(tok, train_samples, sim_samples, real: dict[str, list[Image]]) 
                    for d in tok.decode(torch.from_numpy(ids[i:i + 32]), like=recs[i:i + 32])]
         row = {"n": len(recs), "chi2_input": med([chi2(d.flux, r.flux, r) for d, r in zip(decoded, recs)])}
         if truth is not None:
-            row["chi2_truth"] = med([chi2(d.flux, t, r) for d, t, r in zip(decoded, truth, recs)])
+            per_object = [chi2(d.flux, t, r) for d, t, r in zip(decoded, truth, recs)]
+            row["chi2_truth"] = med(per_object)
+            row["chi2_truth_by_class"] = by_class(per_object, classes)
             row["flux_pull_truth"] = med([flux_pull(d.flux, t, r) for d, t, r in zip(decoded, truth, recs)])
             row["residual_by_snr"] = residual_by_snr([d.flux for d in decoded], truth, recs)
         planes = training_planes(train, recs[0].bands)
         if planes is not None:
-            row["pca"] = pca_images(planes, recs, bits, truth)
+            row["pca"] = pca_images(planes, recs, bits, truth, classes)
             row["beats_pca"] = bool(row[criterion(truth)] < row["pca"][criterion(truth)])
         row["codes"] = code_use(ids[:, tok.n_scale:], tok.vocab_size)
         out[name] = row

@@ -38,13 +38,19 @@ def test_round_trip_of_rank_k_rows_at_many_bits_is_close_and_few_bits_is_not():
     assert err(rich) < 1e-3 < 0.1 < err(poor), (err(rich), err(poor))
 
 
-def test_stamp_flux_pull_counts_a_faint_offset_and_skips_masked_pixels():
+def bench_tokenizers():
+    """bench/tokenizers.py as a module, loaded by path: HF has a `tokenizers` package."""
     import importlib.util
-    from types import SimpleNamespace
-    path = Path(__file__).resolve().parents[1] / "bench" / "tokenizers.py"   # by path: HF has a `tokenizers`
+    path = Path(__file__).resolve().parents[1] / "bench" / "tokenizers.py"
     spec = importlib.util.spec_from_file_location("bench_tokenizers", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_stamp_flux_pull_counts_a_faint_offset_and_skips_masked_pixels():
+    from types import SimpleNamespace
+    bench = bench_tokenizers()
     flux_pull = bench.flux_pull
     rng = np.random.default_rng(0)
     ivar = np.full((2, 32, 32), 4.0)                                   # sigma 0.5 per pixel
@@ -60,12 +66,8 @@ def test_stamp_flux_pull_counts_a_faint_offset_and_skips_masked_pixels():
 
 
 def test_residual_by_snr_finds_a_faint_offset_in_its_bin():
-    import importlib.util
     from types import SimpleNamespace
-    path = Path(__file__).resolve().parents[1] / "bench" / "tokenizers.py"
-    spec = importlib.util.spec_from_file_location("bench_tokenizers", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_tokenizers()
     ivar = np.full((1, 10, 10), 1.0)                                   # sigma 1
     truth = np.zeros((1, 10, 10))
     truth[0, :5] = 2.0                                                 # half the pixels at S/N 2
@@ -80,3 +82,9 @@ def test_residual_by_snr_finds_a_faint_offset_in_its_bin():
     assert out["10-inf"]["mean"] == pytest.approx(-5.0) and out["0-0.3"]["rms"] == 0.0
     assert out["0.3-1"]["mean"] is None
     assert out["10-inf"]["chi2_share"] == pytest.approx(25 / (25 + 50 * 0.16), abs=1e-4)
+
+
+def test_by_class_takes_each_class_median():
+    bench = bench_tokenizers()
+    out = bench.by_class([0.1, 0.3, 0.2, 5.0, 7.0], ["galaxy", "galaxy", "galaxy", "star", "qso"])
+    assert out == {"galaxy": 0.2, "qso": 7.0, "star": 5.0}

@@ -88,3 +88,23 @@ def test_by_class_takes_each_class_median():
     bench = bench_tokenizers()
     out = bench.by_class([0.1, 0.3, 0.2, 5.0, 7.0], ["galaxy", "galaxy", "galaxy", "star", "qso"])
     assert out == {"galaxy": 0.2, "qso": 7.0, "star": 5.0}
+
+
+def test_bench_images_gives_each_class_its_own_median(sky_shards):
+    """End to end on the tiny sky: the image bench reports chi2_truth per object class for
+    the tokenizer and for PCA, one entry per class present, and the overall median lies
+    within the classes' range."""
+    import torch
+    from heldout_data import load_samples
+    from omnisky.tokenizers.image import ImageConfig, ImageTokenizer
+    bench = bench_tokenizers()
+    samples = load_samples(Path(sky_shards))
+    torch.manual_seed(0)
+    tok = ImageTokenizer(ImageConfig(size=32)).eval()
+    out = bench.bench_images(tok, samples[:16], samples[16:], {})
+    row = out["sim.image.des"]
+    classes = {s.meta["class"] for s in samples[16:] if "image.des" in s.records}
+    for figures in (row["chi2_truth_by_class"], row["pca"]["chi2_truth_by_class"]):
+        assert set(figures) == classes and all(v >= 0 for v in figures.values())
+    mine = row["chi2_truth_by_class"].values()
+    assert min(mine) <= row["chi2_truth"] <= max(mine)

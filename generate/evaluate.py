@@ -3,8 +3,8 @@ without the model. Used by `omnisky-generate report` (markdown) and `bench/eval.
 (one JSON line).
 
 - translation (image.des -> image.hsc): reduced chi-square of the generated image (and of
-  the same pulled to the source observation, `generate.consistency`) against
-  the noiseless truth in units of the target's noise, beside the classical baseline
+  the same pulled to the source observation, `generate.consistency`; and of the point
+  estimate, `Pipeline.estimate`) against the noiseless truth in units of the target's noise, beside the classical baseline
   (`baselines.resample_image`: resample + PSF matching + colour terms, its colour equations
   and Wiener regulariser fitted on training objects), the same without PSF matching, and
   the image tokenizer's round trip of the true observation (the ceiling);
@@ -100,6 +100,8 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     lam = fit_psf_regulariser([(s.records[source], s.truth[target], s.records[target]) for s in train[:60]], terms) \
         if train else 0.03
     gen = pipe.translate(test, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
+    est = pipe.estimate(test, [source], target, n_samples=n_samples, seed=seed, **schedule) \
+        if pipe.tokenizer(target).decodes_expected else [None] * len(test)
     tok = pipe.tokenizer(target)
     likes = [s.records[target] for s in test]
     roundtrip = tok.decode(tok.encode(likes), like=likes)
@@ -109,11 +111,13 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
         cons = fit_consistency(pipe, pairs, source, target, n_samples=n_samples, seed=seed, **schedule)
         cons_base = fit_prior_width(pairs, [[resample_image(s.records[source], s.records[target], terms, lam)]
                                             for s in pairs], source, target)
-    fm, fm_mean, fm_dc, fm_mean_dc, base, base_dc, base_nopsf, ceil = [], [], [], [], [], [], [], []
+    fm, fm_mean, fm_dc, fm_mean_dc, base, base_dc, base_nopsf, ceil, fm_est = [], [], [], [], [], [], [], [], []
     shapes = {"truth": [], "fm": [], "fm_consistent": [], "baseline": []}         # (N, 2) each
-    for s, g, rt in zip(test, gen, roundtrip):
+    for s, g, rt, e in zip(test, gen, roundtrip, est):
         t, truth = s.records[target], s.truth[target]
         mean = np.mean([x.flux for x in g], 0)
+        if e is not None:
+            fm_est.append(reduced_chi2(e.flux, truth, t.ivar, t.mask))
         resampled_rec = resample_image(s.records[source], t, terms, lam)
         resampled = resampled_rec.flux
         fm.append(reduced_chi2(g[0].flux, truth, t.ivar, t.mask))
@@ -139,6 +143,8 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
                              refine_translation(s.records[source], gen[i], cons), truth_record(s, target),
                              title=f"{s.object_id}: {source} -> {target}, pulled to the {source} data")
     fm, base = np.array(fm), np.array(base)
+    estimate = dict(chi2=_median(fm_est), frac_objects_better_than_baseline=float(np.mean(np.array(fm_est) < base)),
+                    reveal_steps=2, n_runs=n_samples) if fm_est else None
     e = {k: np.array(v) for k, v in shapes.items()}
     shape = {name: dict(corr=float(np.mean([np.corrcoef(e[name][:, j], e["truth"][:, j])[0, 1] for j in (0, 1)]))
                         if len(test) > 2 else float("nan"),
@@ -146,7 +152,7 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
              for name in ("fm", "fm_consistent", "baseline")}
     shape["truth_rms"] = float(np.sqrt(np.mean(e["truth"] ** 2)))
     return dict(n=len(test), chi2_fm=_median(fm), chi2_fm_mean=_median(np.array(fm_mean)), n_samples=n_samples,
-                chi2_fm_consistent=_median(fm_dc), chi2_fm_mean_consistent=_median(fm_mean_dc),
+                chi2_fm_consistent=_median(fm_dc), chi2_fm_mean_consistent=_median(fm_mean_dc), estimate=estimate,
                 consistency=None if cons is None else dict(floor=cons.floor, fraction=cons.fraction, fit=cons.fit),
                 chi2_baseline_consistent=_median(base_dc),
                 baseline_consistency=None if cons_base is None else dict(floor=cons_base.floor,

@@ -63,6 +63,9 @@ def render_markdown(r: dict) -> str:
         "| method | median reduced chi2 |", "|---|---|",
         f"| omnisky (FM + image tokenizer), one sample | {_fmt(t['chi2_fm'])} |",
         f"| omnisky, mean of {t['n_samples']} samples | {_fmt(t['chi2_fm_mean'])} |",
+        *([f"| omnisky, point estimate (`Pipeline.estimate`: {t['estimate']['reveal_steps']} MaskGIT steps, then "
+           f"each token's mean code; mean of {t['estimate']['n_runs']} runs) | {_fmt(t['estimate']['chi2'])} |"]
+          if t.get("estimate") else []),
         f"| omnisky + data consistency (samples pulled to the DES-like pixels), one sample | "
         f"{_fmt(t.get('chi2_fm_consistent'))} |",
         f"| omnisky + data consistency, mean of {t['n_samples']} samples | {_fmt(t.get('chi2_fm_mean_consistent'))} |",

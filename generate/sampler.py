@@ -56,10 +56,12 @@ def guided_logits(model, inputs: dict, target: str, positions: torch.Tensor,
 @torch.no_grad()
 def fill_target(model, inputs: dict, step: TargetSchedule, n_tokens: int,
                 gen: torch.Generator, on_step: Callable | None = None,
-                allowed: torch.Tensor | None = None) -> torch.Tensor:
+                allowed: torch.Tensor | None = None, stop_after: int | None = None) -> torch.Tensor:
     """Sample every unknown token of `step.target`; returns LongTensor (B, n_tokens).
     allowed: optional BoolTensor (n_tokens, V), the ids each position may take (e.g. a
-    tokenizer whose first token is a flux scale with fewer bins than the vocabulary)."""
+    tokenizer whose first token is a flux scale with fewer bins than the vocabulary).
+    stop_after: walk only the first `stop_after` of the schedule's steps; the tokens not yet
+    revealed stay -1 (what `target_distribution` completes)."""
     batch = next(iter(inputs.values())).shape[0] if inputs else None
     device = next(model.parameters()).device
     cur = inputs.get(step.target)
@@ -69,7 +71,7 @@ def fill_target(model, inputs: dict, step: TargetSchedule, n_tokens: int,
     n_unknown = int((cur[0] == -1).sum())
     if not torch.all((cur == -1).sum(1) == n_unknown):
         raise ValueError(f"{step.target}: every row must have the same number of unknown tokens")
-    for t in range(1, step.steps + 1):
+    for t in range(1, step.steps + 1 if stop_after is None else min(stop_after, step.steps) + 1):
         masked = cur == -1                                             # (B, n)
         m = int(masked[0].sum())
         if m == 0:
@@ -124,3 +126,25 @@ def token_probabilities(model, inputs: dict, target: str, n_tokens: int, tempera
     positions = torch.arange(n_tokens, device=device).expand(batch, n_tokens)
     given = {k: v.to(device) for k, v in inputs.items() if k != target}
     return (model.logits(given, {target: positions})[target].float() / temperature).softmax(-1)
+
+
+@torch.no_grad()
+def target_distribution(model, inputs: dict, target: str, vocab_size: int,
+                        allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n, V = vocab_size) a distribution over every token of `target`: one-hot where inputs[target]
+    knows the token (>= 0), the model's probabilities given everything known elsewhere
+    (each unknown token's marginal, at temperature 1, restricted to `allowed`)."""
+    cur = inputs[target]                                                # (B, n), -1 unknown
+    V = vocab_size
+    probs = torch.nn.functional.one_hot(cur.clamp_min(0), V).float()    # (B, n, V)
+    masked = cur == -1
+    m = int(masked[0].sum())
+    if not torch.all(masked.sum(1) == m):
+        raise ValueError(f"{target}: every row must have the same number of unknown tokens")
+    if m:
+        positions = masked.nonzero()[:, 1].view(cur.shape[0], m)      # (B, m)
+        logits = guided_logits(model, inputs, target, positions, 0.0)  # (B, m, V)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device)[positions], float("-inf"))
+        probs.scatter_(1, positions[..., None].expand(-1, -1, V), logits.softmax(-1))
+    return probs

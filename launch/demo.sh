@@ -48,7 +48,7 @@ accelerate launch --config_file launch/accelerate/zero2.yaml -m omnisky.train.fm
 
 stage "5/6 generate: survey translation, super-resolution, conditional generation"
 GEN=(--fm "$OUT/fm/model" --tokenizers "$OUT/tokenizers" --data "$OUT/raw/test")
-omnisky-generate translate "${GEN[@]}" --n 4 --samples 2 --out "$OUT/translate"
+omnisky-generate translate "${GEN[@]}" --n 4 --samples 2 --estimate --out "$OUT/translate"
 omnisky-generate translate "${GEN[@]}" --n 4 --samples 8 --consistency "$OUT/raw/train" \
   --out "$OUT/translate_consistent"      # the samples pulled to the DES-like pixels (generate/consistency.py)
 omnisky-generate superres "${GEN[@]}" --n 4 --out "$OUT/superres"

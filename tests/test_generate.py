@@ -211,10 +211,14 @@ def _run(*argv):
 def test_cli_translate_writes_fits_figures_and_schedule(tiny_models, sky_shards):
     out = tiny_models / "translate"
     _run("translate", "--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"),
-         "--data", str(sky_shards), "--n", "2", "--samples", "2", "--steps", "3", "--out", str(out))
+         "--data", str(sky_shards), "--n", "2", "--samples", "2", "--steps", "3", "--out", str(out),
+         "--estimate", "--estimate-runs", "2")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_objects"] == 2 and math.isfinite(summary["median_chi2_vs_truth.image.hsc"])
+    assert math.isfinite(summary["median_chi2_vs_truth_estimate.image.hsc"])
     oid = summary["objects"][0]["object_id"]
+    with fits.open(out / f"{oid}.image.hsc.estimate.fits") as hdul:
+        assert hdul[0].data.shape == (5, 32, 32) and hdul[0].header["BANDS"] == "hsc.g,hsc.r,hsc.i,hsc.z,hsc.y"
     with fits.open(out / f"{oid}.image.hsc.1.fits") as hdul:
         assert hdul[0].data.shape == (5, 32, 32) and hdul[0].header["BANDS"] == "hsc.g,hsc.r,hsc.i,hsc.z,hsc.y"
         assert hdul[0].header["PIXSCALE"] == pytest.approx(0.168) and hdul[0].header["CTYPE1"] == "RA---TAN"
@@ -360,6 +364,36 @@ def test_pipeline_translates_back_and_chains_with_several_samples(tiny_models, s
         sky.translate(objs, source="image.des", target="image.hsc", steps=2, consistency=cons)
     chain = sky.sample_chain(objs[:1], ["image.hsc"], sky.schedule(["scalar.redshift", "spectrum.sdss"], steps=2))
     assert set(chain[0][0]) == {"scalar.redshift", "spectrum.sdss"} and len(chain[0][0]["spectrum.sdss"].flux) > 1000
+
+
+def test_pipeline_estimate_between_marginals_and_samples(tiny_models, sky_shards):
+    """Pipeline.estimate: reveal_steps = steps is the mean of that many samples; 0 is one
+    deterministic decode of the marginals' mean codes; seeded in between."""
+    from omnisky.generate.pipeline import Pipeline
+    from omnisky.generate.sampler import target_distribution
+    from omnisky.shards.reader import stream
+    sky = Pipeline.from_pretrained(tiny_models / "fm", tiny_models / "tok")
+    objs = [s for s in stream(shard_urls(sky_shards)) if "image.des" in s.records and "image.hsc" in s.records][:2]
+    samples = sky.translate(objs, n_samples=3, seed=4, steps=2)
+    full = sky.estimate(objs, ["image.des"], "image.hsc", n_samples=3, seed=4, steps=2, reveal_steps=2)
+    for f, g in zip(full, samples):
+        np.testing.assert_allclose(f.flux, np.mean([x.flux for x in g], 0), rtol=1e-5, atol=1e-6)
+    marg = sky.estimate(objs, ["image.des"], "image.hsc", reveal_steps=0)
+    tok = sky.tokenizer("image.hsc")
+    inputs = sky.tokenize(objs, ["image.des"])
+    probs = target_distribution(sky.model, {**inputs, "image.hsc": torch.full((2, tok.n_tokens), -1)}, "image.hsc",
+                                tok.vocab_size, sky.allowed_ids("image.hsc"))
+    assert torch.allclose(probs.sum(-1), torch.ones(2, tok.n_tokens))
+    want = tok.decode_expected(probs, like=[o.records["image.hsc"] for o in objs])
+    np.testing.assert_allclose(marg[1].flux, want[1].flux, rtol=1e-5, atol=1e-6)
+    assert marg[0].bands == objs[0].records["image.hsc"].bands
+    one = sky.estimate(objs[:1], ["image.des"], "image.hsc", n_samples=2, seed=1, steps=4, reveal_steps=1)
+    np.testing.assert_array_equal(one[0].flux, sky.estimate(objs[:1], ["image.des"], "image.hsc", n_samples=2,
+                                                            seed=1, steps=4, reveal_steps=1)[0].flux)
+    with pytest.raises(ValueError, match="reveal_steps"):
+        sky.estimate(objs, ["image.des"], "image.hsc", steps=2, reveal_steps=3)
+    with pytest.raises(NotImplementedError, match="no decode_expected"):
+        sky.estimate(objs, ["image.des"], "spectrum.desi", steps=2)
 
 
 def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):

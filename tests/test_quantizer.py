@@ -39,3 +39,18 @@ def test_usage_term_prefers_a_spread_batch_and_is_off_by_default():
     assert FSQuantizer(LEVELS).train()(spread)[2] == 0 and make_quantizer("fsq", LEVELS, 10)(spread)[2] == 0
     with pytest.raises(ValueError, match="entropy_weight"):
         FSQuantizer(LEVELS, entropy_weight=-1)
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq"])
+def test_expected_codes_are_the_probability_weighted_mean_code(kind):
+    """One-hot probabilities give back each id's own code; a mixture gives the mixture of codes."""
+    q = make_quantizer(kind, LEVELS, bits=6)
+    V, grid = q.vocab_size, (2, 3)
+    ids = torch.randint(0, V, (2, 6))
+    one_hot = torch.nn.functional.one_hot(ids, V).float()                    # (2, 6, V)
+    torch.testing.assert_close(q.expected_codes(one_hot, grid), q.codes(ids, grid))
+    other = torch.randint(0, V, (2, 6))
+    mix = 0.25 * one_hot + 0.75 * torch.nn.functional.one_hot(other, V).float()
+    torch.testing.assert_close(q.expected_codes(mix, grid), 0.25 * q.codes(ids, grid) + 0.75 * q.codes(other, grid))
+    with pytest.raises(ValueError, match=r"expected probs \(B, 6"):
+        q.expected_codes(one_hot[:, :5], grid)

@@ -111,6 +111,25 @@ def test_image_decode_follows_the_template(sky):
     assert np.allclose(full.flux, n.flux * 10 ** (0.4 * 4.5), rtol=1e-4, atol=1e-6)
 
 
+def test_image_decode_expected_of_one_hot_ids_is_decode(sky):
+    """decode_expected on one-hot distributions is decode of those ids; a mixture of two
+    codes per token decodes between them (a point estimate, off the code grid)."""
+    tok = _image_tok(size=32)
+    recs = sky["image.hsc"][:2]
+    ids = tok.encode(recs)                                                    # (2, n)
+    one_hot = torch.nn.functional.one_hot(ids, tok.vocab_size).float()       # (2, n, V)
+    for a, b in zip(tok.decode_expected(one_hot, like=recs), tok.decode(ids, like=recs)):
+        np.testing.assert_allclose(a.flux, b.flux, rtol=1e-5, atol=1e-6)
+        assert a.bands == b.bands and a.survey == b.survey
+    half = 0.5 * one_hot + 0.5 * torch.nn.functional.one_hot((ids + 1) % tok.vocab_size, tok.vocab_size).float()
+    mid = tok.decode_expected(half, like=recs)
+    assert mid[0].flux.shape == recs[0].flux.shape and np.isfinite(mid[0].flux).all()
+    with pytest.raises(ValueError, match="decode_expected: expected probs"):
+        tok.decode_expected(one_hot[:, 1:], like=recs)
+    with pytest.raises(NotImplementedError, match="SpectrumTokenizer has no decode_expected"):
+        _spectrum_tok().decode_expected(one_hot, like=recs)
+
+
 def test_image_band_agnostic_and_refusals(sky):
     tok = _image_tok()
     des = sky["image.des"][0]

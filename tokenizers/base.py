@@ -51,6 +51,7 @@ class Tokenizer(nn.Module):
     Config: type = None
     kind: str = ""  # 'image' | 'spectrum' | 'scalar'
     shared_vocabulary: bool = False
+    decodes_expected: bool = False   # implements decode_expected (ids are codes with a mean)
 
     def __init__(self, config):
         super().__init__()
@@ -86,6 +87,13 @@ class Tokenizer(nn.Module):
 
     def decode(self, tokens: torch.Tensor, like) -> list:
         raise NotImplementedError
+
+    def decode_expected(self, probs: torch.Tensor, like) -> list:
+        """(B, n_tokens, V) distributions over each token's ids -> records decoded from each
+        token's mean code (a point estimate); for tokenizers whose ids are codes in a space
+        their decoder reads (the image tokenizer)."""
+        raise NotImplementedError(f"{type(self).__name__} has no decode_expected: its ids have no mean code "
+                                  f"to decode; draw samples and decode them instead")
 
     # Fitted non-tensor state (e.g. normalisation constants) goes here; JSON-able.
     def extra_state(self) -> dict[str, Any]:

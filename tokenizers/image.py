@@ -159,6 +159,7 @@ class ImageTokenizer(Tokenizer):
     Config = ImageConfig
     kind = "image"
     shared_vocabulary = True   # one latent space for every survey / grid: token i means the same
+    decodes_expected = True
 
     def __init__(self, config: ImageConfig):
         super().__init__(config)
@@ -369,25 +370,48 @@ class ImageTokenizer(Tokenizer):
         tokens = torch.as_tensor(tokens).long()
         if tokens.ndim != 2 or tokens.shape[1] != self.n_tokens:
             raise ValueError(f"ImageTokenizer.decode: expected tokens (B, {self.n_tokens}), got {tuple(tokens.shape)}")
-        likes = as_list(like)
-        if len(likes) == 1:
-            likes = likes * len(tokens)
-        if len(likes) != len(tokens):
-            raise ValueError(f"ImageTokenizer.decode: {len(likes)} templates for {len(tokens)} rows")
-        for t in likes:
-            if not isinstance(t, Image):
-                raise TypeError(f"ImageTokenizer.decode: like must be Image records, got {type(t).__name__}")
-            if not t.pixel_scale > 0:
-                raise RecordError(f"object {t.object_id!r}: field 'image.pixel_scale': must be > 0, got {t.pixel_scale}")
-        feat, _ = self._features(likes)
         tokens = tokens.to(self.device)
         if self.n_scale and tokens[:, 0].max() >= self.config.scale_bins:
             raise ValueError(f"ImageTokenizer.decode: token 0 (the brightness scale) must lie in "
                              f"[0, {self.config.scale_bins}), got {int(tokens[:, 0].max())}")
         z_q = self.quantizer.codes(tokens[:, self.n_scale:], (self.grid, self.grid))  # (B, d, h, w)
+        return self._render(z_q, tokens[:, 0] if self.n_scale else None, self._templates(like, len(tokens)))
+
+    @torch.no_grad()
+    def decode_expected(self, probs: torch.Tensor, like) -> list[Image]:
+        """(B, n_tokens, V) a distribution over each token's ids (an FM's, with the tokens it
+        has drawn one-hot) -> Images as `decode`, from each grid token's mean code under its
+        distribution (quantizer.expected_codes) instead of one drawn code: a point estimate,
+        the image of the latent's posterior mean. The brightness-scale token, when there is
+        one, takes its most probable bin."""
+        probs = torch.as_tensor(probs).float()
+        if probs.ndim != 3 or probs.shape[1:] != (self.n_tokens, self.vocab_size):
+            raise ValueError(f"ImageTokenizer.decode_expected: expected probs (B, {self.n_tokens}, "
+                             f"{self.vocab_size}), got {tuple(probs.shape)}")
+        probs = probs.to(self.device)
+        z = self.quantizer.expected_codes(probs[:, self.n_scale:], (self.grid, self.grid))   # (B, d, h, w)
+        scale = probs[:, 0, :self.config.scale_bins].argmax(-1) if self.n_scale else None
+        return self._render(z, scale, self._templates(like, len(probs)))
+
+    def _templates(self, like, n: int) -> list[Image]:
+        likes = as_list(like)
+        if len(likes) == 1:
+            likes = likes * n
+        if len(likes) != n:
+            raise ValueError(f"ImageTokenizer: {len(likes)} templates (like) for {n} rows")
+        for t in likes:
+            if not isinstance(t, Image):
+                raise TypeError(f"ImageTokenizer: like must be Image records, got {type(t).__name__}")
+            if not t.pixel_scale > 0:
+                raise RecordError(f"object {t.object_id!r}: field 'image.pixel_scale': must be > 0, got {t.pixel_scale}")
+        return likes
+
+    def _render(self, z_q: torch.Tensor, scale_ids: torch.Tensor | None, likes: list[Image]) -> list[Image]:
+        """z_q (B, d, h, w) codes (on the grid or not), scale_ids (B,) or None -> Images."""
+        feat, _ = self._features(likes)
         x_hat = self.decode_latent(z_q, feat.to(self.device)).cpu().numpy()         # (B, C, H, W)
-        s = (self.softening_of(self.scale_value(tokens[:, 0])).cpu().numpy().astype(np.float64) if self.n_scale
-             else np.full((len(tokens), 1, 1, 1), self.config.softening))           # (B, 1, 1, 1)
+        s = (self.softening_of(self.scale_value(scale_ids)).cpu().numpy().astype(np.float64) if self.n_scale
+             else np.full((len(likes), 1, 1, 1), self.config.softening))            # (B, 1, 1, 1)
         out = []
         for b, t in enumerate(likes):
             n = len(t.bands)

@@ -4,6 +4,7 @@
     z_q, ids, aux = q(z)                          # z (B, 4, *grid) -> z_q same shape,
                                                   # ids (B, N) long in [0, 1000), aux = 0
     z_q = q.codes(ids, grid=(8, 8))               # ids (B, N) -> (B, 4, 8, 8)
+    z_e = q.expected_codes(probs, grid=(8, 8))    # probs (B, N, 1000) -> (B, 4, 8, 8): sum_id p(id) code(id)
     q.usage(ids)                                  # {'codes_used': ..., 'perplexity': ...}
 
 FSQ (Mentzer et al. 2023) rounds each of the d channels, bounded by tanh, onto its own
@@ -97,6 +98,18 @@ class FSQuantizer(nn.Module):
         spatial = " ".join(f"g{i}" for i in range(len(grid)))
         sizes = {f"g{i}": g for i, g in enumerate(grid)}
         return rearrange(codes, f"b ({spatial}) d -> b d {spatial}", **sizes)
+
+    def expected_codes(self, probs: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """probs (B, N, V), a distribution over the ids at each position -> (B, d, *grid), each
+        position's mean code under it: the codes lie in a d-dimensional space the decoder
+        reads, so a distribution over ids has a mean there (off the grid unless one-hot)."""
+        probs = torch.as_tensor(probs).float()
+        if probs.ndim != 3 or probs.shape[1] != math.prod(grid) or probs.shape[2] != self.vocab_size:
+            raise ValueError(f"{type(self).__name__}: expected probs (B, {math.prod(grid)}, {self.vocab_size}), "
+                             f"got {tuple(probs.shape)}")
+        table = self.codes(torch.arange(self.vocab_size, device=probs.device)[None], (self.vocab_size,))[0]  # (d, V)
+        mean = torch.einsum("bnv,dv->bdn", probs, table.to(probs))                 # (B, d, N)
+        return mean.reshape(*mean.shape[:2], *grid)
 
     @torch.no_grad()
     def usage(self, ids: torch.Tensor) -> dict[str, float]:

@@ -49,6 +49,7 @@ from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
 from .photoz import (SDSS_BANDS, bootstrap_win_rate, catalog_samples, coverage, flux_features, gradient_boosting,
                      read_sdss_catalog, redshift_metrics, train_catalog_fm)
+from .pipeline import ESTIMATE_REVEAL_STEPS
 from .probe import LinearProbe, PrincipalComponents
 
 FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
@@ -111,7 +112,8 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
         cons = fit_consistency(pipe, pairs, source, target, n_samples=n_samples, seed=seed, **schedule)
         cons_base = fit_prior_width(pairs, [[resample_image(s.records[source], s.records[target], terms, lam)]
                                             for s in pairs], source, target)
-    fm, fm_mean, fm_dc, fm_mean_dc, base, base_dc, base_nopsf, ceil, fm_est = [], [], [], [], [], [], [], [], []
+    fm, fm_mean, fm_dc, fm_mean_dc, base, base_dc, base_nopsf, ceil = [], [], [], [], [], [], [], []
+    fm_est, fm_est_dc = [], []   # the point estimate (Pipeline.estimate), and the same pulled to the source
     shapes = {"truth": [], "fm": [], "fm_consistent": [], "baseline": []}         # (N, 2) each
     for s, g, rt, e in zip(test, gen, roundtrip, est):
         t, truth = s.records[target], s.truth[target]
@@ -125,7 +127,9 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
         base.append(reduced_chi2(resampled, truth, t.ivar, t.mask))
         mean_dc = mean
         if cons is not None:
-            mean_dc, one_dc = (r.flux for r in refine_translation(s.records[source], g, cons, priors=[mean, g[0].flux]))
+            priors = [mean, g[0].flux] + ([e.flux] if e is not None else [])
+            mean_dc, one_dc, *est_dc = (r.flux for r in refine_translation(s.records[source], g, cons, priors=priors))
+            fm_est_dc += [reduced_chi2(x, truth, t.ivar, t.mask) for x in est_dc]
             fm_dc.append(reduced_chi2(one_dc, truth, t.ivar, t.mask))
             fm_mean_dc.append(reduced_chi2(mean_dc, truth, t.ivar, t.mask))
             (base_refined,) = refine_translation(s.records[source], [resampled_rec], cons_base)
@@ -144,7 +148,8 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
                              title=f"{s.object_id}: {source} -> {target}, pulled to the {source} data")
     fm, base = np.array(fm), np.array(base)
     estimate = dict(chi2=_median(fm_est), frac_objects_better_than_baseline=float(np.mean(np.array(fm_est) < base)),
-                    reveal_steps=2, n_runs=n_samples) if fm_est else None
+                    chi2_consistent=_median(fm_est_dc) if fm_est_dc else None, reveal_steps=ESTIMATE_REVEAL_STEPS,
+                    n_runs=n_samples) if fm_est else None
     e = {k: np.array(v) for k, v in shapes.items()}
     shape = {name: dict(corr=float(np.mean([np.corrcoef(e[name][:, j], e["truth"][:, j])[0, 1] for j in (0, 1)]))
                         if len(test) > 2 else float("nan"),

@@ -42,6 +42,8 @@ from .sampler import fill_target, generate, target_distribution, token_probabili
 from .schedule import TargetSchedule
 from .templates import template_for
 
+ESTIMATE_REVEAL_STEPS = 2   # Pipeline.estimate's MaskGIT steps before the mean codes (bench/RESULTS.md)
+
 
 class Pipeline:
     def __init__(self, model: FourM, tokenizers: dict[str, Tokenizer]):
@@ -161,7 +163,7 @@ class Pipeline:
 
     @torch.no_grad()
     def estimate(self, samples: Sequence[Sample], given: Sequence[str], target: str, like=None,
-                 n_samples: int = 8, reveal_steps: int = 2, seed: int = 0, **schedule) -> list:
+                 n_samples: int = 8, reveal_steps: int = ESTIMATE_REVEAL_STEPS, seed: int = 0, **schedule) -> list:
         """One point estimate of `target` per object (a list of records), for when one best
         image matters more than the spread: the mean of `n_samples` runs, each walking only the
         first `reveal_steps` steps of the MaskGIT schedule (a few tokens drawn, with seed + k),

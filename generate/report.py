@@ -69,6 +69,8 @@ def render_markdown(r: dict) -> str:
         f"| omnisky + data consistency (samples pulled to the DES-like pixels), one sample | "
         f"{_fmt(t.get('chi2_fm_consistent'))} |",
         f"| omnisky + data consistency, mean of {t['n_samples']} samples | {_fmt(t.get('chi2_fm_mean_consistent'))} |",
+        *([f"| omnisky + data consistency, the point estimate pulled alike | {_fmt(t['estimate']['chi2_consistent'])} |"]
+          if t.get("estimate") and t["estimate"].get("chi2_consistent") is not None else []),
         f"| baseline: resample + PSF matching + colour terms | {_fmt(t['chi2_baseline'])} |",
         f"| baseline + the same data consistency (the baseline as the prior) | "
         f"{_fmt(t.get('chi2_baseline_consistent'))} |",

@@ -406,6 +406,8 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     assert (tiny_models / "report" / "figures" / "translate_0.png").exists()
     assert (tiny_models / "report" / "figures" / "translate_consistent_0.png").exists()
     assert "data consistency" in report and math.isfinite(figures["translation"]["chi2_fm_mean_consistent"])
+    est = figures["translation"]["estimate"]
+    assert "point estimate" in report and math.isfinite(est["chi2"]) and math.isfinite(est["chi2_consistent"])
     assert "flux r against the noiseless truth's stamp" in report
     assert "the same ridge probe on the fluxes' features" in report
 

@@ -101,9 +101,9 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     lam = fit_psf_regulariser([(s.records[source], s.truth[target], s.records[target]) for s in train[:60]], terms) \
         if train else 0.03
     gen = pipe.translate(test, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
-    est = pipe.estimate(test, [source], target, n_samples=n_samples, seed=seed, **schedule) \
-        if pipe.tokenizer(target).decodes_expected else [None] * len(test)
     tok = pipe.tokenizer(target)
+    est = pipe.estimate(test, [source], target, n_samples=n_samples, seed=seed, **schedule) \
+        if tok.decodes_expected else [None] * len(test)
     likes = [s.records[target] for s in test]
     roundtrip = tok.decode(tok.encode(likes), like=likes)
     pairs = [s for s in train if source in s.records and target in s.records][:n_consistency]

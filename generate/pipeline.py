@@ -23,10 +23,9 @@ object's own target record where it has one, else the survey's standard template
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
-
-import dataclasses
 
 import numpy as np
 import torch

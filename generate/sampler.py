@@ -53,6 +53,28 @@ def guided_logits(model, inputs: dict, target: str, positions: torch.Tensor,
     return cond + guidance * (cond - uncond)
 
 
+def _n_unknown(cur: torch.Tensor, target: str) -> int:
+    """The number of unknown (-1) tokens per row of cur (B, n), the same in every row."""
+    n = int((cur[0] == -1).sum())
+    if not torch.all((cur == -1).sum(1) == n):
+        raise ValueError(f"{target}: every row must have the same number of unknown tokens")
+    return n
+
+
+@torch.no_grad()
+def unknown_logits(model, inputs: dict, target: str, guidance: float = 0.0,
+                   allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, m) of the tokens inputs[target] does not know (-1) and their logits
+    (B, m, V), guided, with the ids `allowed` (n_tokens, V) forbids at -inf."""
+    cur = inputs[target]
+    m = _n_unknown(cur, target)
+    positions = (cur == -1).nonzero()[:, 1].view(cur.shape[0], m)      # (B, m)
+    logits = guided_logits(model, inputs, target, positions, guidance)  # (B, m, V)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device)[positions], float("-inf"))
+    return positions, logits
+
+
 @torch.no_grad()
 def fill_target(model, inputs: dict, step: TargetSchedule, n_tokens: int,
                 gen: torch.Generator, on_step: Callable | None = None,
@@ -68,18 +90,12 @@ def fill_target(model, inputs: dict, step: TargetSchedule, n_tokens: int,
     if cur is None:
         cur = torch.full((batch, n_tokens), -1, dtype=torch.long, device=device)
     cur = cur.clone()
-    n_unknown = int((cur[0] == -1).sum())
-    if not torch.all((cur == -1).sum(1) == n_unknown):
-        raise ValueError(f"{step.target}: every row must have the same number of unknown tokens")
+    n_unknown = _n_unknown(cur, step.target)
     for t in range(1, step.steps + 1 if stop_after is None else min(stop_after, step.steps) + 1):
-        masked = cur == -1                                             # (B, n)
-        m = int(masked[0].sum())
-        if m == 0:
+        if int((cur[0] == -1).sum()) == 0:
             break
-        positions = masked.nonzero()[:, 1].view(cur.shape[0], m)       # (B, m)
-        logits = guided_logits(model, {**inputs, step.target: cur}, step.target, positions, step.guidance)
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed.to(device)[positions], float("-inf"))
+        positions, logits = unknown_logits(model, {**inputs, step.target: cur}, step.target, step.guidance, allowed)
+        m = positions.shape[1]
         temp = max(step.temperature_at(t), 1e-6)
         logits = filter_logits(logits / temp, step.top_k, step.top_p)  # (B, m, V)
         logp = logits.log_softmax(-1)
@@ -135,16 +151,8 @@ def target_distribution(model, inputs: dict, target: str, vocab_size: int,
     knows the token (>= 0), the model's probabilities given everything known elsewhere
     (each unknown token's marginal, at temperature 1, restricted to `allowed`)."""
     cur = inputs[target]                                                # (B, n), -1 unknown
-    V = vocab_size
-    probs = torch.nn.functional.one_hot(cur.clamp_min(0), V).float()    # (B, n, V)
-    masked = cur == -1
-    m = int(masked[0].sum())
-    if not torch.all(masked.sum(1) == m):
-        raise ValueError(f"{target}: every row must have the same number of unknown tokens")
-    if m:
-        positions = masked.nonzero()[:, 1].view(cur.shape[0], m)      # (B, m)
-        logits = guided_logits(model, inputs, target, positions, 0.0)  # (B, m, V)
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed.to(logits.device)[positions], float("-inf"))
-        probs.scatter_(1, positions[..., None].expand(-1, -1, V), logits.softmax(-1))
+    probs = torch.nn.functional.one_hot(cur.clamp_min(0), vocab_size).float()   # (B, n, V)
+    if _n_unknown(cur, target):
+        positions, logits = unknown_logits(model, inputs, target, 0.0, allowed)   # (B, m), (B, m, V)
+        probs.scatter_(1, positions[..., None].expand(-1, -1, vocab_size), logits.softmax(-1))
     return probs

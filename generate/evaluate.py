@@ -244,10 +244,11 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
     `*_flux_abs_pull_truth_stamp_median`: the stamp flux against the noiseless truth's own stamp,
     in the same units (the given flux's noise): the image's error without that floor (a real
     observation's stamp sits ~3 such sigmas off it from its pixels' noise alone).
-    One sample (no prefix) and the mean of `n_samples` (`mean_*`, the posterior-mean image, as
-    the baseline's round profile is an expectation); with `catalog` (generate.catalog_consistency)
-    both pulled to the catalog values too (`catalog_*`, `catalog_mean_*`). Reduced chi2 of each
-    against the truth."""
+    One sample (no prefix), the mean of `n_samples` (`mean_*`, the posterior-mean image, as
+    the baseline's round profile is an expectation) and the point estimate (`estimate_*`,
+    Pipeline.estimate, for image tokenizers that decode mean codes); with `catalog`
+    (generate.catalog_consistency) each pulled to the catalog values too (`catalog_*`,
+    `catalog_mean_*`, `catalog_estimate_*`). Reduced chi2 of each against the truth."""
     given = list(given)
     draws = pipe.sample(test, given, target, seed=seed, n_samples=n_samples, **schedule)
     gen = [g[0] for g in draws]
@@ -260,9 +261,13 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
     roundtrip = tok.decode(tok.encode(observed), like=observed)   # what the tokens can carry at best
     images = dict(gen=gen, mean=mean, obs=observed, rt=roundtrip, truth=truths,
                   base=[catalog_profile_image(s, o) for s, o in zip(test, observed)])
+    if tok.decodes_expected:   # the point estimate (Pipeline.estimate)
+        images["est"] = pipe.estimate(test, given, target, n_samples=n_samples, seed=seed, **schedule)
     if catalog is not None:
         images["cat"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, gen)]
         images["cat_mean"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, mean)]
+        if "est" in images:
+            images["cat_est"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, images["est"])]
     phot = {k: [image_photometry(im) for im in v] for k, v in images.items()}
     pulls = {k: (np.array([p["flux"] for p in v]) - flux_in) / sigma_in for k, v in phot.items()}   # (N, 4) each
     flux_truth = np.array([p["flux"] for p in phot["truth"]])                                      # (N, 4)
@@ -282,7 +287,7 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
                              title=title + ", pulled to the catalog")
     bands = [k.split("_")[-1] for k in FLUXES]
     prefix = dict(gen="", obs="observed_", rt="roundtrip_", truth="truth_", cat="catalog_", base="baseline_",
-                  mean="mean_", cat_mean="catalog_mean_")
+                  mean="mean_", cat_mean="catalog_mean_", est="estimate_", cat_est="catalog_estimate_")
     out = dict(n=len(test), given=given, target=target, n_samples=n_samples, size_measurement_sigma_arcsec=size_sigma,
                size_bias_arcsec=_median(d["gen"]))
     for k, pre in prefix.items():

@@ -148,6 +148,14 @@ def render_markdown(r: dict) -> str:
         *([f"The mean of {c['n_samples']} samples (the posterior-mean image): reduced chi2 vs truth "
            f"{_fmt(c['mean_chi2_vs_truth'])}, pulled to the catalog {_fmt(c.get('catalog_mean_chi2_vs_truth', float('nan')))}.",
            ""] if "mean_chi2_vs_truth" in c else []),
+        *([f"The point estimate (`Pipeline.estimate`): reduced chi2 vs truth {_fmt(c['estimate_chi2_vs_truth'])}, "
+           f"pulled to the catalog {_fmt(c.get('catalog_estimate_chi2_vs_truth', float('nan')))}; stamp flux "
+           f"|pull| against the truth's stamp "
+           + ", ".join(f"{b} {_fmt(v)}" for b, v in c["estimate_flux_abs_pull_truth_stamp_median"].items())
+           + (", pulled " + ", ".join(f"{b} {_fmt(v)}" for b, v in
+                                      c["catalog_estimate_flux_abs_pull_truth_stamp_median"].items())
+              if "catalog_estimate_flux_abs_pull_truth_stamp_median" in c else "") + ".",
+           ""] if "estimate_chi2_vs_truth" in c else []),
         *([f"Catalog consistency (`generate.catalog_consistency`): each image's half-light radius, then each band's "
            f"stamp flux, is the posterior mean of the image's own (prior width {_fmt(c['catalog_consistency']['tau_size'])} "
            f"and {_fmt(c['catalog_consistency']['tau_flux'])} of it: the model's errors on "

@@ -408,6 +408,9 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     assert "data consistency" in report and math.isfinite(figures["translation"]["chi2_fm_mean_consistent"])
     est = figures["translation"]["estimate"]
     assert "point estimate" in report and math.isfinite(est["chi2"]) and math.isfinite(est["chi2_consistent"])
+    cond = figures["conditional"]
+    assert math.isfinite(cond["estimate_chi2_vs_truth"]) and math.isfinite(cond["catalog_estimate_chi2_vs_truth"])
+    assert "The point estimate (`Pipeline.estimate`): reduced chi2" in report
     assert "flux r against the noiseless truth's stamp" in report
     assert "the same ridge probe on the fluxes' features" in report
 

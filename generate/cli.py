@@ -115,7 +115,7 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
                 d[targets[0]] = r
     estimates = {}   # object id -> the point estimate of the (one) target (Pipeline.estimate)
     if getattr(args, "estimate", False):
-        if len(targets) != 1 or not pipe.tokenizer(targets[0]).decodes_expected:
+        if len(targets) != 1 or not getattr(pipe.tokenizer(targets[0]), "decodes_expected", False):
             raise SystemExit(f"--estimate: one target image (its tokenizer decodes mean codes), got {targets}")
         est = pipe.estimate(samples, given, targets[0], n_samples=args.estimate_runs, seed=args.seed,
                             **schedule_args(args))

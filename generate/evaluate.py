@@ -103,7 +103,7 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     gen = pipe.translate(test, source=source, target=target, seed=seed, n_samples=n_samples, **schedule)
     tok = pipe.tokenizer(target)
     est = pipe.estimate(test, [source], target, n_samples=n_samples, seed=seed, **schedule) \
-        if tok.decodes_expected else [None] * len(test)
+        if getattr(tok, "decodes_expected", False) else [None] * len(test)
     likes = [s.records[target] for s in test]
     roundtrip = tok.decode(tok.encode(likes), like=likes)
     pairs = [s for s in train if source in s.records and target in s.records][:n_consistency]
@@ -261,7 +261,7 @@ def evaluate_conditional(pipe, test, figdir: Path | None = None, seed: int = 0, 
     roundtrip = tok.decode(tok.encode(observed), like=observed)   # what the tokens can carry at best
     images = dict(gen=gen, mean=mean, obs=observed, rt=roundtrip, truth=truths,
                   base=[catalog_profile_image(s, o) for s, o in zip(test, observed)])
-    if tok.decodes_expected:   # the point estimate (Pipeline.estimate)
+    if getattr(tok, "decodes_expected", False):   # the point estimate (Pipeline.estimate)
         images["est"] = pipe.estimate(test, given, target, n_samples=n_samples, seed=seed, **schedule)
     if catalog is not None:
         images["cat"] = [refine_to_catalog(s, [g], catalog, given)[0] for s, g in zip(test, gen)]

@@ -172,7 +172,7 @@ class Pipeline:
         n_samples samples. Only for tokenizers with `decode_expected` (images).
         Measured on the demo (bench/RESULTS.md): closer to the truth than the mean of 8 samples."""
         tok = self.tokenizer(target)
-        if not tok.decodes_expected:
+        if not getattr(tok, "decodes_expected", False):   # duck-typed tokenizers may lack the flag
             raise NotImplementedError(f"estimate: {target}'s {type(tok).__name__} has no decode_expected (its ids "
                                       f"have no mean code); draw samples with `sample` instead")
         step = TargetSchedule(target, **schedule)

@@ -30,7 +30,8 @@ import yaml
 from omnisky.generate.cli import load_samples
 from omnisky.generate.catalog_consistency import fit_catalog_consistency
 from omnisky.generate.evaluate import (CALIBRATION_OBJECTS, CONSISTENCY_OBJECTS, FLUXES, REDSHIFT_OBJECTS, SPECTRA,
-                                       evaluate_conditional, evaluate_redshift, evaluate_sdss_catalog, evaluate_superres, evaluate_translation, heldout_split)
+                                       TRANSLATION_OBJECTS, evaluate_conditional, evaluate_redshift,
+                                       evaluate_sdss_catalog, evaluate_superres, evaluate_translation, heldout_split)
 from omnisky.generate.pipeline import Pipeline
 
 
@@ -83,7 +84,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizers", required=True, help="folder holding image/, spectrum/, scalar/")
     p.add_argument("--data", required=True, help="held-out raw shards (simulated, with truth)")
     p.add_argument("--train-data", required=True, help="training raw shards (baselines' labels and calibration)")
-    p.add_argument("--n", type=int, default=64, help="held-out objects per task")
+    p.add_argument("--n", type=int, default=64, help="held-out objects per task but translation")
+    p.add_argument("--n-translate", type=int, default=TRANSLATION_OBJECTS,
+                   help="held-out objects each translation direction is scored on (noisier medians)")
     p.add_argument("--n-redshift", type=int, default=REDSHIFT_OBJECTS,
                    help="held-out objects the redshift posterior is scored on (cheap: one forward pass)")
     p.add_argument("--n-calibration", type=int, default=CALIBRATION_OBJECTS,
@@ -117,11 +120,11 @@ def main(argv=None) -> dict:
     sched = dict(steps=args.steps, temperature=args.temperature)
     n, seed = args.n, args.seed
     train = load_samples(args.train_data, args.n_train, ["image.des", "image.hsc", "scalar.redshift"] + FLUXES)
-    res = dict(bench="eval", fm=str(fm_dir), tokenizers=str(tok_dir), n_test=n, n_train=len(train), sampler=sched)
-    res["translation"] = evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train,
-                                              figdir, seed, **sched)
-    res["translation_back"] = evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train,
-                                                   None, seed, source="image.hsc", target="image.des", **sched)
+    res = dict(bench="eval", fm=str(fm_dir), tokenizers=str(tok_dir), n_test=n, n_translate=args.n_translate, n_train=len(train), sampler=sched)
+    pairs = load_samples(args.data, args.n_translate, ["image.des", "image.hsc"])
+    res["translation"] = evaluate_translation(pipe, pairs, train, figdir, seed, **sched)
+    res["translation_back"] = evaluate_translation(pipe, pairs, train, None, seed, source="image.hsc",
+                                                   target="image.des", **sched)
     res["superres"] = evaluate_superres(pipe, load_samples(args.data, n, SPECTRA), figdir, seed,
                                         train=load_samples(args.train_data, CONSISTENCY_OBJECTS, SPECTRA), **sched)
     cond_need = ["scalar.redshift", "scalar.r_half", "image.des"] + FLUXES

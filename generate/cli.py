@@ -38,7 +38,7 @@ import torch
 from ..shards.reader import stream
 from ..shards.schema import modality_kind
 from ..shards.writer import shard_urls
-from .evaluate import CONSISTENCY_OBJECTS, REDSHIFT_OBJECTS, reduced_chi2
+from .evaluate import CONSISTENCY_OBJECTS, REDSHIFT_OBJECTS, TRANSLATION_OBJECTS, reduced_chi2
 from .outputs import image_figure, spectrum_figure, write_image_fits, write_npz, write_spectrum_fits
 from .probe import LinearProbe, similarity_search
 from .schedule import schedule_to_json
@@ -116,7 +116,8 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
     estimates = {}   # object id -> the point estimate of the (one) target (Pipeline.estimate)
     if getattr(args, "estimate", False):
         if len(targets) != 1 or not getattr(pipe.tokenizer(targets[0]), "decodes_expected", False):
-            raise SystemExit(f"--estimate: one target image (its tokenizer decodes mean codes), got {targets}")
+            raise SystemExit(f"--estimate: one target image or spectrum (its tokenizer decodes mean codes), "
+                             f"got {targets}")
         est = pipe.estimate(samples, given, targets[0], n_samples=args.estimate_runs, seed=args.seed,
                             **schedule_args(args))
         estimates = {s.object_id: e for s, e in zip(samples, est)}
@@ -214,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0)
         if task == "report":
             q.add_argument("--train-data", default=None, help="raw training shards, for baselines fitted on training data")
-            q.add_argument("--n-eval", type=int, default=64, help="held-out objects per generation task")
+            q.add_argument("--n-eval", type=int, default=64, help="held-out objects per generation task but translation")
+            q.add_argument("--n-translate", type=int, default=TRANSLATION_OBJECTS,
+                           help="held-out objects translation is scored on (its medians are noisier than the others')")
             q.add_argument("--catalog-share-snr", type=float, default=100.0,
                            help="catalog S/N above which training objects set the catalog consistency's "
                                 "stamp-flux shares (generate.catalog_consistency)")
@@ -252,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--top-p", type=float, default=1.0)
         q.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
         q.add_argument("--estimate", action="store_true",
-                       help="also write each object's point estimate of the target image, OBJ.TARGET.estimate.fits "
-                            "(Pipeline.estimate: 2 MaskGIT steps, then each token's mean code; closer to the truth "
-                            "than the mean of the samples), and its chi2 in summary.json")
+                       help="also write each object's point estimate of the target image or spectrum, "
+                            "OBJ.TARGET.estimate.fits (Pipeline.estimate: 2 MaskGIT steps, then each token's mean "
+                            "code; closer to the truth than the mean of the samples), and its chi2 in summary.json")
         q.add_argument("--estimate-runs", type=int, default=8, help="runs averaged into the --estimate")
         q.add_argument("--need-target", action=argparse.BooleanOptionalAction, default=True,
                        help="only objects that also have the (last) target (to compare with the truth)")

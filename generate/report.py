@@ -31,7 +31,8 @@ def write_report(pipe, args) -> dict:
                                        seed=args.seed, share_min_snr=args.catalog_share_snr)
                if args.train_data else None)
     results = dict(
-        translation=evaluate_translation(pipe, load_samples(args.data, n, ["image.des", "image.hsc"]), train, figdir, args.seed),
+        translation=evaluate_translation(pipe, load_samples(args.data, args.n_translate, ["image.des", "image.hsc"]),
+                                         train, figdir, args.seed),
         superres=evaluate_superres(pipe, load_samples(args.data, n, SPECTRA), figdir, args.seed,
                                    train=load_samples(args.train_data, CONSISTENCY_OBJECTS, SPECTRA)
                                    if args.train_data else ()),
@@ -97,9 +98,14 @@ def render_markdown(r: dict) -> str:
           if t.get("consistency") else []),
         f"## Spectrum super-resolution: SDSS-like -> DESI-like ({s['n']} objects)", "",
         "| method | median reduced chi2 (SDSS range) |", "|---|---|",
-        f"| omnisky | {_fmt(s['chi2_fm'])} |",
+        f"| omnisky, one sample | {_fmt(s['chi2_fm'])} |",
+        *([f"| omnisky, point estimate (`Pipeline.estimate`: {s['estimate']['reveal_steps']} MaskGIT steps, then "
+           f"each token's mean code; mean of {s['estimate']['n_runs']} runs) | {_fmt(s['estimate']['chi2'])} |"]
+          if s.get("estimate") else []),
         f"| omnisky + data consistency (pulled to the SDSS-like spectrum; lines fitted at the catalog redshift) | "
         f"{_fmt(s.get('chi2_fm_consistent'))} |",
+        *([f"| omnisky + data consistency, the point estimate pulled alike | {_fmt(s['estimate']['chi2_consistent'])} |"]
+          if s.get("estimate") and s["estimate"].get("chi2_consistent") is not None else []),
         f"| baseline: linear interpolation | {_fmt(s['chi2_baseline'])} |", "",
         *([f"Data consistency (`generate.spectrum_consistency`): the prior is the model's spectrum with "
            f"{_fmt(s['consistency']['floor'])} x the DESI-like noise plus {_fmt(s['consistency']['fraction'])} x "

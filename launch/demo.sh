@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo_out}
 N=${N:-2000}            # training objects
-N_TEST=${N_TEST:-1200} # held-out objects (another sky seed): 64 per generation task, 400 + 400 for the redshift posterior
+N_TEST=${N_TEST:-1200} # held-out objects (another sky seed): 256 for translation, 64 per other generation task,
+                        # 400 + 400 for the redshift posterior
 WORKERS=${WORKERS:-2}
 FM_SET=${FM_SET:-}      # extra `--set key=value` for FM training, e.g. "steps=50"
 TOK_SET=${TOK_SET:-}    # extra `--set key=value` for the image and spectrum tokenizers
@@ -61,5 +62,5 @@ omnisky-generate sample "${GEN[@]}" --n 4 --given scalar.redshift scalar.flux_g 
   --out "$OUT/sample_catalog"   # pulled to the given fluxes (generate/catalog_consistency.py)
 
 stage "6/6 evaluate on held-out objects and write the report"
-omnisky-generate report "${GEN[@]}" --train-data "$OUT/raw/train" --n-eval 64 --out "$OUT"
+omnisky-generate report "${GEN[@]}" --train-data "$OUT/raw/train" --n-eval 64 --n-translate 256 --out "$OUT"
 stage "done: $OUT/report.md"

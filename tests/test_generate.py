@@ -312,10 +312,13 @@ def test_cli_sample_with_catalog_consistency_fits_then_reuses_it(tiny_models, sk
 
 def test_cli_superres_sample_predict_embed(tiny_models, sky_shards):
     common = ["--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards), "--n", "2"]
-    _run("superres", *common, "--steps", "2", "--out", str(tiny_models / "sr"))
-    oid = json.loads((tiny_models / "sr" / "summary.json").read_text())["objects"][0]["object_id"]
-    with fits.open(tiny_models / "sr" / f"{oid}.spectrum.desi.0.fits") as hdul:
-        assert len(hdul["SPECTRUM"].data["WAVELENGTH"]) == 7781 and hdul["SPECTRUM"].header["INSTRUME"] == "desi"
+    _run("superres", *common, "--steps", "2", "--estimate", "--estimate-runs", "2", "--out", str(tiny_models / "sr"))
+    summary = json.loads((tiny_models / "sr" / "summary.json").read_text())
+    oid = summary["objects"][0]["object_id"]
+    assert math.isfinite(summary["median_chi2_vs_truth_estimate.spectrum.desi"])
+    for k in ("0", "estimate"):
+        with fits.open(tiny_models / "sr" / f"{oid}.spectrum.desi.{k}.fits") as hdul:
+            assert len(hdul["SPECTRUM"].data["WAVELENGTH"]) == 7781 and hdul["SPECTRUM"].header["INSTRUME"] == "desi"
     _run("sample", *common, "--steps", "2", "--given", "scalar.redshift", "scalar.flux_r",
          "--target", "spectrum.desi", "image.des", "--format", "npz", "--out", str(tiny_models / "sample"))
     summary = json.loads((tiny_models / "sample" / "summary.json").read_text())
@@ -393,12 +396,19 @@ def test_pipeline_estimate_between_marginals_and_samples(tiny_models, sky_shards
     with pytest.raises(ValueError, match="reveal_steps"):
         sky.estimate(objs, ["image.des"], "image.hsc", steps=2, reveal_steps=3)
     with pytest.raises(NotImplementedError, match="no decode_expected"):
-        sky.estimate(objs, ["image.des"], "spectrum.desi", steps=2)
+        sky.estimate(objs, ["image.des"], "scalar.redshift", steps=2)
+    spec = [s for s in stream(shard_urls(sky_shards)) if "spectrum.sdss" in s.records
+            and "spectrum.desi" in s.records][:2]           # spectra decode mean codes too
+    drawn = sky.superres(spec, n_samples=2, seed=3, steps=2)
+    full = sky.estimate(spec, ["spectrum.sdss"], "spectrum.desi", n_samples=2, seed=3, steps=2, reveal_steps=2)
+    for f, g in zip(full, drawn):
+        np.testing.assert_allclose(f.flux, np.mean([x.flux for x in g], 0), rtol=1e-4, atol=1e-5)
+        assert np.array_equal(f.wavelength, g[0].wavelength)
 
 
 def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     _run("report", "--fm", str(tiny_models / "fm"), "--tokenizers", str(tiny_models / "tok"), "--data", str(sky_shards),
-         "--train-data", str(sky_shards), "--n-eval", "4", "--catalog-share-snr", "10", "--out", str(tiny_models / "report"))
+         "--train-data", str(sky_shards), "--n-eval", "4", "--n-translate", "4", "--catalog-share-snr", "10", "--out", str(tiny_models / "report"))
     report = (tiny_models / "report" / "report.md").read_text()
     assert "Survey translation" in report and "figures/translate_0.png" in report
     figures = json.loads((tiny_models / "report" / "report.json").read_text())
@@ -408,6 +418,8 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     assert "data consistency" in report and math.isfinite(figures["translation"]["chi2_fm_mean_consistent"])
     est = figures["translation"]["estimate"]
     assert "point estimate" in report and math.isfinite(est["chi2"]) and math.isfinite(est["chi2_consistent"])
+    sr = figures["superres"]["estimate"]
+    assert math.isfinite(sr["chi2"]) and "the point estimate pulled alike" in report
     cond = figures["conditional"]
     assert math.isfinite(cond["estimate_chi2_vs_truth"]) and math.isfinite(cond["catalog_estimate_chi2_vs_truth"])
     assert "The point estimate (`Pipeline.estimate`): reduced chi2" in report

@@ -126,8 +126,36 @@ def test_image_decode_expected_of_one_hot_ids_is_decode(sky):
     assert mid[0].flux.shape == recs[0].flux.shape and np.isfinite(mid[0].flux).all()
     with pytest.raises(ValueError, match="decode_expected: expected probs"):
         tok.decode_expected(one_hot[:, 1:], like=recs)
-    with pytest.raises(NotImplementedError, match="SpectrumTokenizer has no decode_expected"):
-        _spectrum_tok().decode_expected(one_hot, like=recs)
+    from omnisky.tokenizers.scalar import ScalarConfig, ScalarTokenizer
+    with pytest.raises(NotImplementedError, match="ScalarTokenizer has no decode_expected"):
+        ScalarTokenizer(ScalarConfig()).decode_expected(one_hot, like=recs)
+
+
+def test_spectrum_decode_expected_of_one_hot_ids_is_decode():
+    """decode_expected on one-hot distributions is decode of those ids (line slots too); the
+    flux scale's mean under token 0's distribution: an even mixture of two scale bins decodes
+    to the mean of the two decodes (the flux is linear in the scale)."""
+    torch.manual_seed(0)
+    tok = SpectrumTokenizer(SpectrumConfig(line_slots=2, line_min_snr=3.0)).eval()
+    wl = np.exp(np.arange(np.log(3800.0), np.log(9200.0), 1e-4))             # SDSS-like log grid
+    rng = np.random.default_rng(0)
+    recs = [Spectrum((a + np.sin(wl / 300.0) + 25 * np.exp(-0.5 * ((wl - 6563 * (1 + z)) / 2.0) ** 2)
+                      + rng.normal(0, 0.1, wl.shape)).astype(np.float32), np.full(wl.shape, 100.0, np.float32),
+                     np.zeros(wl.shape, bool), wl, "sdss", np.full(wl.shape, 2000.0, np.float32), object_id=f"o{k}")
+            for k, (a, z) in enumerate([(3.0, 0.1), (8.0, 0.2)])]
+    ids = tok.encode(recs)                                                    # (2, n)
+    one_hot = torch.nn.functional.one_hot(ids, tok.vocab_size).float()       # (2, n, V)
+    for a, b in zip(tok.decode_expected(one_hot, like=recs), tok.decode(ids, like=recs)):
+        np.testing.assert_allclose(a.flux, b.flux, rtol=1e-5, atol=1e-5)
+        assert a.instrument == b.instrument and np.array_equal(a.wavelength, b.wavelength)
+    up = ids.clone()
+    up[:, 0] += 1                                                             # the next flux-scale bin
+    mixed = one_hot.clone()
+    mixed[:, 0] = 0.5 * one_hot[:, 0] + 0.5 * torch.nn.functional.one_hot(up[:, 0], tok.vocab_size).float()
+    for m, a, b in zip(tok.decode_expected(mixed, like=recs), tok.decode(ids, like=recs), tok.decode(up, like=recs)):
+        np.testing.assert_allclose(m.flux, 0.5 * (a.flux + b.flux), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="decode_expected: expected probs"):
+        tok.decode_expected(one_hot[:, 1:], like=recs)
 
 
 def test_image_band_agnostic_and_refusals(sky):

@@ -146,6 +146,7 @@ def _template_ivar(ivar: np.ndarray, wavelength: np.ndarray) -> np.ndarray:
 class SpectrumTokenizer(Tokenizer):
     Config = SpectrumConfig
     kind = "spectrum"
+    decodes_expected = True
     shared_vocabulary = True   # one latent space for every survey / grid: token i means the same
 
     def __init__(self, config: SpectrumConfig):
@@ -382,12 +383,7 @@ class SpectrumTokenizer(Tokenizer):
         tokens = torch.as_tensor(tokens).long()
         if tokens.ndim != 2 or tokens.shape[1] != self.n_tokens:
             raise ValueError(f"SpectrumTokenizer.decode: expected tokens (B, {self.n_tokens}), got {tuple(tokens.shape)}")
-        likes = as_list(like)
-        if len(likes) == 1:
-            likes = likes * len(tokens)
-        if len(likes) != len(tokens):
-            raise ValueError(f"SpectrumTokenizer.decode: {len(likes)} templates for {len(tokens)} rows")
-        grids = [self._check_template(t) for t in likes]
+        likes, grids = self._templates(like, len(tokens))
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"SpectrumTokenizer.decode: token ids must lie in [0, {self.vocab_size})")
         if tokens.numel() and tokens[:, 0].max() >= self.config.scale_bins:
@@ -398,21 +394,52 @@ class SpectrumTokenizer(Tokenizer):
             b, i = (int(v) for v in bad.nonzero()[0])
             raise ValueError(f"SpectrumTokenizer.decode: row {b}, token {i} (id {int(tokens[b, i])}) is outside "
                              "the ids that position takes (allowed_ids())")
-        c, device = self.config, self.device
         n_shape = self.n_shape_tokens
-        sigma = np.stack([self.line_spread_px(self._resolution(t)) for t in likes])   # (B, n)
-        z_q = self.quantizer.codes(tokens[:, 1:1 + n_shape].to(device), (n_shape,))   # (B, d, n / ds)
-        y_hat = self.decode_latent(z_q, torch.as_tensor(sigma, dtype=torch.float32, device=device))
-        y_hat = y_hat.cpu().numpy().astype(np.float64)                              # (B, n)
+        z_q = self.quantizer.codes(tokens[:, 1:1 + n_shape].to(self.device), (n_shape,))   # (B, d, n / ds)
         scale = self.scale_value(tokens[:, 0].cpu().numpy())                         # (B,)
-        if self.lines is not None:
-            lines = self.lines.from_tokens(tokens[:, 1 + n_shape:].cpu())
+        return self._render(z_q, scale, tokens[:, 1 + n_shape:].cpu(), likes, grids)
+
+    @torch.no_grad()
+    def decode_expected(self, probs: torch.Tensor, like) -> list[Spectrum]:
+        """(B, n_tokens, V) a distribution over each token's ids (an FM's, with the tokens it
+        has drawn one-hot) -> Spectra as `decode`, from each shape token's mean code under its
+        distribution (quantizer.expected_codes) and the flux scale's mean under token 0's: a
+        point estimate. Emission-line tokens (line_slots > 0) take their most probable ids."""
+        probs = torch.as_tensor(probs).float()
+        if probs.ndim != 3 or probs.shape[1:] != (self.n_tokens, self.vocab_size):
+            raise ValueError(f"SpectrumTokenizer.decode_expected: expected probs (B, {self.n_tokens}, "
+                             f"{self.vocab_size}), got {tuple(probs.shape)}")
+        likes, grids = self._templates(like, len(probs))
+        n_shape, bins = self.n_shape_tokens, self.config.scale_bins
+        z = self.quantizer.expected_codes(probs[:, 1:1 + n_shape].to(self.device), (n_shape,))   # (B, d, n / ds)
+        p0 = probs[:, 0, :bins].double()
+        p0 = p0 / p0.sum(-1, keepdim=True).clamp_min(1e-30)                         # (B, bins)
+        scale = (p0.cpu().numpy() * self.scale_value(np.arange(bins))[None]).sum(-1)      # (B,) mean flux scale
+        return self._render(z, scale, probs[:, 1 + n_shape:].argmax(-1).cpu(), likes, grids)
+
+    def _templates(self, like, n: int) -> tuple[list[Spectrum], list[np.ndarray]]:
+        likes = as_list(like)
+        if len(likes) == 1:
+            likes = likes * n
+        if len(likes) != n:
+            raise ValueError(f"SpectrumTokenizer.decode: {len(likes)} templates for {n} rows")
+        return likes, [self._check_template(t) for t in likes]
+
+    def _render(self, z_q: torch.Tensor, scale: np.ndarray, line_ids: torch.Tensor, likes: list[Spectrum],
+                grids: list[np.ndarray]) -> list[Spectrum]:
+        """z_q (B, d, n / ds) codes (on the grid or not), scale (B,) flux scales, line_ids
+        (B, 3 line_slots) -> Spectra on the templates' grids (see decode)."""
+        c = self.config
+        sigma = np.stack([self.line_spread_px(self._resolution(t)) for t in likes])   # (B, n)
+        y_hat = self.decode_latent(z_q, torch.as_tensor(sigma, dtype=torch.float32, device=self.device))
+        y_hat = y_hat.cpu().numpy().astype(np.float64)                              # (B, n)
+        lines = self.lines.from_tokens(line_ids) if self.lines is not None else None
         out = []
         for b, (t, wl) in enumerate(zip(likes, grids)):
             outside = (wl < c.lambda_min) | (wl > c.lambda_max)             # masked: nothing decoded there
             A = resample_matrix(np.log(wl).tobytes(), self.ln_min, self.ln_max, c.n_pixels)
             y_t = A @ y_hat[b]                                               # (L,) in units of the scale
-            if self.lines is not None:
+            if lines is not None:
                 y_t = y_t + self._lines_on(lines.row(b), t, wl)
             flux = np.where(outside, 0.0, y_t * scale[b]).astype(np.float32)
             ivar = _template_ivar(t.ivar, wl)

@@ -115,9 +115,8 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
                 d[targets[0]] = r
     estimates = {}   # object id -> the point estimate of the (one) target (Pipeline.estimate)
     if getattr(args, "estimate", False):
-        if len(targets) != 1 or not getattr(pipe.tokenizer(targets[0]), "decodes_expected", False):
-            raise SystemExit(f"--estimate: one target image or spectrum (its tokenizer decodes mean codes), "
-                             f"got {targets}")
+        if len(targets) != 1 or modality_kind(targets[0]) not in ("image", "spectrum"):
+            raise SystemExit(f"--estimate: one target image or spectrum, got {targets}")
         est = pipe.estimate(samples, given, targets[0], n_samples=args.estimate_runs, seed=args.seed,
                             **schedule_args(args))
         estimates = {s.object_id: e for s, e in zip(samples, est)}
@@ -256,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
         q.add_argument("--estimate", action="store_true",
                        help="also write each object's point estimate of the target image or spectrum, "
-                            "OBJ.TARGET.estimate.fits (Pipeline.estimate: 2 MaskGIT steps, then each token's mean "
-                            "code; closer to the truth than the mean of the samples), and its chi2 in summary.json")
-        q.add_argument("--estimate-runs", type=int, default=8, help="runs averaged into the --estimate")
+                            "OBJ.TARGET.estimate.fits, and its chi2 in summary.json (Pipeline.estimate: an image "
+                            "from 2 MaskGIT steps, then each token's mean code, averaged over the runs; a spectrum "
+                            "as the pixel-wise median of that many samples)")
+        q.add_argument("--estimate-runs", type=int, default=8, help="runs (samples) combined into the --estimate")
         q.add_argument("--need-target", action=argparse.BooleanOptionalAction, default=True,
                        help="only objects that also have the (last) target (to compare with the truth)")
         if task in ("translate", "superres"):

@@ -49,7 +49,8 @@ from .measure import image_ellipticity, image_photometry, line_fluxes
 from .outputs import image_figure, spectrum_figure
 from .photoz import (SDSS_BANDS, bootstrap_win_rate, catalog_samples, coverage, flux_features, gradient_boosting,
                      read_sdss_catalog, redshift_metrics, train_catalog_fm)
-from .pipeline import ESTIMATE_REVEAL_STEPS
+from .pipeline import estimate_settings
+from .schedule import TargetSchedule
 from .probe import LinearProbe, PrincipalComponents
 
 FLUXES = ["scalar.flux_g", "scalar.flux_r", "scalar.flux_i", "scalar.flux_z"]
@@ -77,6 +78,13 @@ def truth_record(sample, key):
     """The sample's record of `key` with its noiseless truth as flux, nothing masked."""
     rec = sample.records[key]
     return dataclasses.replace(rec, flux=sample.truth[key], mask=np.zeros_like(rec.mask))
+
+
+def _estimate_meta(target: str, n_runs: int, schedule: dict) -> dict:
+    """How Pipeline.estimate made `target`'s point estimate with its defaults (for the report)."""
+    steps = TargetSchedule(target, **schedule).steps
+    reveal, combine = estimate_settings(target.split(".", 1)[0], steps)
+    return dict(reveal_steps=reveal, steps=steps, combine=combine, n_runs=n_runs)
 
 
 def _median(xs) -> float:
@@ -150,8 +158,8 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
                              title=f"{s.object_id}: {source} -> {target}, pulled to the {source} data")
     fm, base = np.array(fm), np.array(base)
     estimate = dict(chi2=_median(fm_est), frac_objects_better_than_baseline=float(np.mean(np.array(fm_est) < base)),
-                    chi2_consistent=_median(fm_est_dc) if fm_est_dc else None, reveal_steps=ESTIMATE_REVEAL_STEPS,
-                    n_runs=n_samples) if fm_est else None
+                    chi2_consistent=_median(fm_est_dc) if fm_est_dc else None,
+                    **_estimate_meta(target, n_samples, schedule)) if fm_est else None
     e = {k: np.array(v) for k, v in shapes.items()}
     shape = {name: dict(corr=float(np.mean([np.corrcoef(e[name][:, j], e["truth"][:, j])[0, 1] for j in (0, 1)]))
                         if len(test) > 2 else float("nan"),
@@ -179,13 +187,12 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
     lines' flux errors, for the model's spectrum (`fm`, one sample), the same pulled to the source
     spectrum (`fm_consistent`: generate.spectrum_consistency, its prior width fitted on the
     first `n_consistency` paired `train` objects' observations; emission lines fitted at the
-    object's catalog redshift where it has one), the point estimate (`estimate`, Pipeline.estimate
-    averaging `n_samples` runs, and the same pulled alike, for tokenizers that decode mean codes),
+    object's catalog redshift where it has one), the point estimate (`estimate`: Pipeline.estimate
+    with its defaults, for spectra the pixel-wise median of `n_samples` samples; and it pulled alike),
     linear interpolation of the source (`baseline`) and the tokenizer's round trip of the target
     observation (the ceiling)."""
     gen = pipe.superres(test, source=source, target=target, seed=seed, **schedule)
-    est = pipe.estimate(test, [source], target, n_samples=n_samples, seed=seed, **schedule) \
-        if getattr(pipe.tokenizer(target), "decodes_expected", False) else [None] * len(test)
+    est = pipe.estimate(test, [source], target, n_samples=n_samples, seed=seed, **schedule)   # spectra: samples
     pairs = [s for s in train if source in s.records and target in s.records][:n_consistency]
     cons = fit_consistency(pipe, pairs, source, target, n_samples=2, seed=seed, **schedule) \
         if len(pairs) >= 5 else None
@@ -240,7 +247,7 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
         line_errors[line] = row
     chi_fm, chi_base = _median(fm), _median(base)
     estimate = dict(chi2=_median(fm_est), chi2_consistent=_median(fm_est_dc) if fm_est_dc else None,
-                    reveal_steps=ESTIMATE_REVEAL_STEPS, n_runs=n_samples) if fm_est else None
+                    **_estimate_meta(target, n_samples, schedule)) if fm_est else None
     return dict(n=len(test), chi2_fm=chi_fm, chi2_fm_consistent=_median(fm_dc), chi2_baseline=chi_base, estimate=estimate,
                 ratio_fm_to_baseline=chi_fm / chi_base,
                 consistency=None if cons is None else dict(floor=cons.floor, fraction=cons.fraction,

@@ -41,7 +41,17 @@ from .sampler import fill_target, generate, target_distribution, token_probabili
 from .schedule import TargetSchedule
 from .templates import template_for
 
-ESTIMATE_REVEAL_STEPS = 2   # Pipeline.estimate's MaskGIT steps before the mean codes (bench/RESULTS.md)
+# Pipeline.estimate's defaults by the target's kind, measured on the demo's held-out objects
+# (bench/RESULTS.md): an image is best as the mean of 8 runs of 2 MaskGIT steps then each token's
+# mean code; a spectrum as the pixel-wise median of 8 samples (its mean codes did no better than
+# one sample, and one sample in ~250 draws its flux-scale token from the far tail, which a mean keeps).
+ESTIMATE_REVEAL_STEPS = {"image": 2}          # other kinds: every step (samples)
+ESTIMATE_COMBINE = {"spectrum": "median"}     # other kinds: "mean"
+
+
+def estimate_settings(kind: str, steps: int) -> tuple[int, str]:
+    """(reveal_steps, combine) that Pipeline.estimate uses by default for a target of `kind`."""
+    return min(ESTIMATE_REVEAL_STEPS.get(kind, steps), steps), ESTIMATE_COMBINE.get(kind, "mean")
 
 
 class Pipeline:
@@ -162,23 +172,32 @@ class Pipeline:
 
     @torch.no_grad()
     def estimate(self, samples: Sequence[Sample], given: Sequence[str], target: str, like=None,
-                 n_samples: int = 8, reveal_steps: int = ESTIMATE_REVEAL_STEPS, seed: int = 0, **schedule) -> list:
+                 n_samples: int = 8, reveal_steps: int | None = None, combine: str | None = None,
+                 seed: int = 0, **schedule) -> list:
         """One point estimate of `target` per object (a list of records), for when one best
-        image matters more than the spread: the mean of `n_samples` runs, each walking only the
-        first `reveal_steps` steps of the MaskGIT schedule (a few tokens drawn, with seed + k),
-        then decoding every token still unknown from its mean code under the model's
-        probabilities (sampler.target_distribution, tokenizer.decode_expected). reveal_steps=0:
-        one deterministic run from the marginals alone; reveal_steps = steps: the mean of
-        n_samples samples. Only for tokenizers with `decode_expected` (images).
-        Measured on the demo (bench/RESULTS.md): closer to the truth than the mean of 8 samples."""
+        image or spectrum matters more than the spread: `n_samples` runs combined pixel by pixel
+        (`combine`: "mean" or "median"), each walking only the first `reveal_steps` steps of the
+        MaskGIT schedule (a few tokens drawn, with seed + k), then decoding every token still
+        unknown from its mean code under the model's probabilities (sampler.target_distribution,
+        tokenizer.decode_expected). reveal_steps=0: one deterministic run from the marginals
+        alone; reveal_steps = steps: `n_samples` samples (any image or spectrum tokenizer).
+        None: the measured defaults of the target's kind (`estimate_settings`: images 2 steps
+        and the mean, spectra every step and the median)."""
         tok = self.tokenizer(target)
-        if not getattr(tok, "decodes_expected", False):   # duck-typed tokenizers may lack the flag
-            raise NotImplementedError(f"estimate: {target}'s {type(tok).__name__} has no decode_expected (its ids "
-                                      f"have no mean code); draw samples with `sample` instead")
         step = TargetSchedule(target, **schedule)
-        if not 0 <= reveal_steps <= step.steps or n_samples < 1:
-            raise ValueError(f"estimate: need 0 <= reveal_steps <= steps ({step.steps}) and n_samples >= 1, "
-                             f"got {reveal_steps}, {n_samples}")
+        kind = modality_kind(target)
+        default_reveal, default_combine = estimate_settings(kind, step.steps)
+        reveal_steps = default_reveal if reveal_steps is None else reveal_steps
+        combine = combine or default_combine
+        if kind not in ("image", "spectrum"):
+            raise NotImplementedError(f"estimate: {target} is a {kind}; its point estimate is the posterior "
+                                      "median of `predict`")
+        if not 0 <= reveal_steps <= step.steps or n_samples < 1 or combine not in ("mean", "median"):
+            raise ValueError(f"estimate: need 0 <= reveal_steps <= steps ({step.steps}), n_samples >= 1 and "
+                             f"combine 'mean' or 'median', got {reveal_steps}, {n_samples}, {combine!r}")
+        if reveal_steps < step.steps and not getattr(tok, "decodes_expected", False):   # duck-typed: no flag
+            raise NotImplementedError(f"estimate: {target}'s {type(tok).__name__} has no decode_expected (its ids "
+                                      f"have no mean code); use reveal_steps={step.steps} (samples)")
         inputs = self.tokenize(samples, given)
         if not inputs:
             raise ValueError(f"none of the objects has any of the given modalities {list(given)}")
@@ -191,9 +210,13 @@ class Pipeline:
             gen = torch.Generator(device=device).manual_seed(seed + k)
             cur = fill_target(self.model, inputs, step, self.n_tokens[target], gen, allowed=allowed,
                               stop_after=reveal_steps)                                    # (B, n), -1 unknown
+            if reveal_steps == step.steps:                                                # a sample
+                runs.append(tok.decode(cur.cpu(), likes))
+                continue
             probs = target_distribution(self.model, {**inputs, target: cur}, target, tok.vocab_size, allowed)
             runs.append(tok.decode_expected(probs, likes))
-        return [dataclasses.replace(recs[0], flux=np.mean([r.flux for r in recs], 0).astype(np.float32))
+        pool = np.mean if combine == "mean" else np.median
+        return [dataclasses.replace(recs[0], flux=pool([r.flux for r in recs], 0).astype(np.float32))
                 for recs in zip(*runs)]
 
     def translate(self, samples, source: str = "image.des", target: str = "image.hsc",

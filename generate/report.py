@@ -53,6 +53,13 @@ def _fmt(x) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
+def _estimate_words(e: dict) -> str:
+    if e["reveal_steps"] < e.get("steps", 8):
+        return (f"{e['reveal_steps']} MaskGIT steps, then each token's mean code; "
+                f"{e.get('combine', 'mean')} of {e['n_runs']} runs")
+    return f"the pixel-wise {e.get('combine', 'mean')} of {e['n_runs']} samples"
+
+
 def render_markdown(r: dict) -> str:
     t, s, c, z = r["translation"], r["superres"], r["conditional"], r["redshift"]
     lines = [
@@ -64,8 +71,8 @@ def render_markdown(r: dict) -> str:
         "| method | median reduced chi2 |", "|---|---|",
         f"| omnisky (FM + image tokenizer), one sample | {_fmt(t['chi2_fm'])} |",
         f"| omnisky, mean of {t['n_samples']} samples | {_fmt(t['chi2_fm_mean'])} |",
-        *([f"| omnisky, point estimate (`Pipeline.estimate`: {t['estimate']['reveal_steps']} MaskGIT steps, then "
-           f"each token's mean code; mean of {t['estimate']['n_runs']} runs) | {_fmt(t['estimate']['chi2'])} |"]
+        *([f"| omnisky, point estimate (`Pipeline.estimate`: {_estimate_words(t['estimate'])}) | "
+           f"{_fmt(t['estimate']['chi2'])} |"]
           if t.get("estimate") else []),
         f"| omnisky + data consistency (samples pulled to the DES-like pixels), one sample | "
         f"{_fmt(t.get('chi2_fm_consistent'))} |",
@@ -99,8 +106,8 @@ def render_markdown(r: dict) -> str:
         f"## Spectrum super-resolution: SDSS-like -> DESI-like ({s['n']} objects)", "",
         "| method | median reduced chi2 (SDSS range) |", "|---|---|",
         f"| omnisky, one sample | {_fmt(s['chi2_fm'])} |",
-        *([f"| omnisky, point estimate (`Pipeline.estimate`: {s['estimate']['reveal_steps']} MaskGIT steps, then "
-           f"each token's mean code; mean of {s['estimate']['n_runs']} runs) | {_fmt(s['estimate']['chi2'])} |"]
+        *([f"| omnisky, point estimate (`Pipeline.estimate`: {_estimate_words(s['estimate'])}) | "
+           f"{_fmt(s['estimate']['chi2'])} |"]
           if s.get("estimate") else []),
         f"| omnisky + data consistency (pulled to the SDSS-like spectrum; lines fitted at the catalog redshift) | "
         f"{_fmt(s.get('chi2_fm_consistent'))} |",

@@ -395,15 +395,22 @@ def test_pipeline_estimate_between_marginals_and_samples(tiny_models, sky_shards
                                                             seed=1, steps=4, reveal_steps=1)[0].flux)
     with pytest.raises(ValueError, match="reveal_steps"):
         sky.estimate(objs, ["image.des"], "image.hsc", steps=2, reveal_steps=3)
-    with pytest.raises(NotImplementedError, match="no decode_expected"):
+    with pytest.raises(NotImplementedError, match="posterior median of `predict`"):
         sky.estimate(objs, ["image.des"], "scalar.redshift", steps=2)
+    with pytest.raises(ValueError, match="combine"):
+        sky.estimate(objs, ["image.des"], "image.hsc", steps=2, combine="mode")
     spec = [s for s in stream(shard_urls(sky_shards)) if "spectrum.sdss" in s.records
-            and "spectrum.desi" in s.records][:2]           # spectra decode mean codes too
-    drawn = sky.superres(spec, n_samples=2, seed=3, steps=2)
-    full = sky.estimate(spec, ["spectrum.sdss"], "spectrum.desi", n_samples=2, seed=3, steps=2, reveal_steps=2)
-    for f, g in zip(full, drawn):
-        np.testing.assert_allclose(f.flux, np.mean([x.flux for x in g], 0), rtol=1e-4, atol=1e-5)
-        assert np.array_equal(f.wavelength, g[0].wavelength)
+            and "spectrum.desi" in s.records][:2]
+    drawn = sky.superres(spec, n_samples=3, seed=3, steps=2)
+    median = sky.estimate(spec, ["spectrum.sdss"], "spectrum.desi", n_samples=3, seed=3, steps=2)   # the default:
+    mean = sky.estimate(spec, ["spectrum.sdss"], "spectrum.desi", n_samples=3, seed=3, steps=2,     # samples
+                        combine="mean")
+    for m, a, g in zip(median, mean, drawn):
+        np.testing.assert_allclose(m.flux, np.median([x.flux for x in g], 0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a.flux, np.mean([x.flux for x in g], 0), rtol=1e-4, atol=1e-5)
+        assert np.array_equal(m.wavelength, g[0].wavelength)
+    codes = sky.estimate(spec, ["spectrum.sdss"], "spectrum.desi", steps=2, reveal_steps=0)   # spectra decode
+    assert np.isfinite(codes[0].flux).all() and not np.allclose(codes[0].flux, median[0].flux)   # mean codes too
 
 
 def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
@@ -419,7 +426,7 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     est = figures["translation"]["estimate"]
     assert "point estimate" in report and math.isfinite(est["chi2"]) and math.isfinite(est["chi2_consistent"])
     sr = figures["superres"]["estimate"]
-    assert math.isfinite(sr["chi2"]) and "the point estimate pulled alike" in report
+    assert math.isfinite(sr["chi2"]) and sr["combine"] == "median" and "pixel-wise median of 8 samples" in report
     cond = figures["conditional"]
     assert math.isfinite(cond["estimate_chi2_vs_truth"]) and math.isfinite(cond["catalog_estimate_chi2_vs_truth"])
     assert "The point estimate (`Pipeline.estimate`): reduced chi2" in report

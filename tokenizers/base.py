@@ -91,7 +91,7 @@ class Tokenizer(nn.Module):
     def decode_expected(self, probs: torch.Tensor, like) -> list:
         """(B, n_tokens, V) distributions over each token's ids -> records decoded from each
         token's mean code (a point estimate); for tokenizers whose ids are codes in a space
-        their decoder reads (the image tokenizer)."""
+        their decoder reads (the image and spectrum tokenizers)."""
         raise NotImplementedError(f"{type(self).__name__} has no decode_expected: its ids have no mean code "
                                   f"to decode; draw samples and decode them instead")
 

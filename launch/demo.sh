@@ -52,7 +52,7 @@ GEN=(--fm "$OUT/fm/model" --tokenizers "$OUT/tokenizers" --data "$OUT/raw/test")
 omnisky-generate translate "${GEN[@]}" --n 4 --samples 2 --estimate --out "$OUT/translate"
 omnisky-generate translate "${GEN[@]}" --n 4 --samples 8 --consistency "$OUT/raw/train" \
   --out "$OUT/translate_consistent"      # the samples pulled to the DES-like pixels (generate/consistency.py)
-omnisky-generate superres "${GEN[@]}" --n 4 --out "$OUT/superres"
+omnisky-generate superres "${GEN[@]}" --n 4 --estimate --out "$OUT/superres"   # + each point estimate
 omnisky-generate superres "${GEN[@]}" --n 4 --consistency "$OUT/raw/train" \
   --out "$OUT/superres_consistent"       # pulled to the SDSS-like spectrum, lines fitted (generate/spectrum_consistency.py)
 omnisky-generate sample "${GEN[@]}" --n 4 --given scalar.redshift scalar.flux_g scalar.flux_r scalar.flux_i scalar.flux_z \

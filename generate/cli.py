@@ -146,12 +146,13 @@ def run_generation(pipe, args, given: list[str], targets: list[str]) -> dict:
                             model_draws[oid][0].flux, truth_flux, truth_rec.ivar, truth_rec.mask)
                 src = next((s.records[g] for g in given if g in s.records and modality_kind(g) == kind), None)
                 title = f"{oid}: {', '.join(given)} -> {target}"
+                est = estimates.get(oid)                     # only with --estimate (one target)
                 if kind == "spectrum" and oid in model_draws and target == targets[0]:   # the model's and the pulled
                     spectrum_figure(out / f"{oid}.{target}.png", src, model_draws[oid], truth_obs, title=title,
-                                    refined=gen)
+                                    refined=gen, estimate=est)
                 else:
                     figure = image_figure if kind == "image" else spectrum_figure
-                    figure(out / f"{oid}.{target}.png", src, gen, truth_obs, title=title)
+                    figure(out / f"{oid}.{target}.png", src, gen, truth_obs, title=title, estimate=est)
             else:
                 row[f"values.{target}"] = [float(g.value) for g in gen]
                 if truth_rec is not None:

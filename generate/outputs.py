@@ -95,11 +95,14 @@ def _rgb_bands(image: Image) -> list[int]:
 
 
 def image_figure(path: str | Path, given: Image | None, generated: Sequence[Image],
-                 truth: Image | None = None, title: str = "") -> None:
-    """Row: given (its survey) | generated samples | truth | residual/sigma in one band."""
+                 truth: Image | None = None, title: str = "", estimate: Image | None = None) -> None:
+    """Row: given (its survey) | generated samples | the point estimate (if given) | truth |
+    residual/sigma in one band (of the estimate if given, else of the first sample)."""
     panels = ([("given " + given.survey, given)] if given is not None else [])
     panels += [(f"generated {g.survey}" + (f" #{k}" if len(generated) > 1 else ""), g)
                for k, g in enumerate(generated)]
+    if estimate is not None:
+        panels.append(("point estimate", estimate))
     if truth is not None:
         panels.append(("truth " + truth.survey, truth))
     ncol = len(panels) + (truth is not None)
@@ -112,10 +115,11 @@ def image_figure(path: str | Path, given: Image | None, generated: Sequence[Imag
     if truth is not None:
         b = min(2, truth.flux.shape[0] - 1)
         sigma = 1 / np.sqrt(np.maximum(truth.ivar[b], 1e-30))
-        res = (generated[0].flux[b] - truth.flux[b]) / sigma
+        shown = estimate if estimate is not None else generated[0]
+        res = (shown.flux[b] - truth.flux[b]) / sigma
         ax = axes[0][-1]
         im = ax.imshow(res, origin="lower", cmap="RdBu_r", vmin=-5, vmax=5)
-        ax.set_title(f"(gen - truth)/sigma {truth.bands[b]}", fontsize=8)
+        ax.set_title(f"({'est' if estimate is not None else 'gen'} - truth)/sigma {truth.bands[b]}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     for ax in axes[0]:
         ax.set_xticks([]), ax.set_yticks([])
@@ -126,9 +130,11 @@ def image_figure(path: str | Path, given: Image | None, generated: Sequence[Imag
 
 
 def spectrum_figure(path: str | Path, given: Spectrum | None, generated: Sequence[Spectrum],
-                    truth: Spectrum | None = None, title: str = "", refined: Sequence[Spectrum] = ()) -> None:
-    """Overplotted spectra: given, generated samples, truth (noiseless), and the samples
-    pulled to the given data (`refined`, generate.spectrum_consistency) where there are any."""
+                    truth: Spectrum | None = None, title: str = "", refined: Sequence[Spectrum] = (),
+                    estimate: Spectrum | None = None) -> None:
+    """Overplotted spectra: given, generated samples, truth (noiseless), the samples
+    pulled to the given data (`refined`, generate.spectrum_consistency) where there are any,
+    and the point estimate (Pipeline.estimate) if given."""
     fig, ax = plt.subplots(figsize=(9, 3))
     if given is not None:
         ax.plot(given.wavelength, given.flux, lw=0.5, color="0.6", label=f"given {given.instrument}")
@@ -140,6 +146,8 @@ def spectrum_figure(path: str | Path, given: Spectrum | None, generated: Sequenc
     for k, g in enumerate(refined):
         ax.plot(g.wavelength, g.flux, lw=0.7, alpha=0.8, color="C3",
                 label="pulled to the given data" if k == 0 else None)
+    if estimate is not None:
+        ax.plot(estimate.wavelength, estimate.flux, lw=1.1, ls="--", color="darkgreen", label="point estimate")
     ax.set_xlabel("wavelength [Angstrom]")
     ax.set_ylabel("flux [1e-17 erg/s/cm2/A]")
     shown = ([truth.flux] if truth is not None else []) + [g.flux[~g.mask] for g in (*generated, *refined)]

@@ -224,6 +224,13 @@ def test_cli_translate_writes_fits_figures_and_schedule(tiny_models, sky_shards)
         assert hdul[0].header["PIXSCALE"] == pytest.approx(0.168) and hdul[0].header["CTYPE1"] == "RA---TAN"
     assert (out / f"{oid}.image.hsc.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "schedule.json").read_text())[0]["steps"] == 3
+    from matplotlib.image import imread
+    from omnisky.generate.outputs import image_figure
+    obj = load_samples(str(sky_shards), 1, ["image.des", "image.hsc"])[0]
+    des, hsc = obj.records["image.des"], obj.records["image.hsc"]
+    image_figure(out / "plain.png", des, [hsc], hsc)
+    image_figure(out / "with_estimate.png", des, [hsc], hsc, estimate=hsc)   # one panel more
+    assert imread(out / "with_estimate.png").shape[1] > imread(out / "plain.png").shape[1]
 
 
 def fit_then_reuse(tiny_models, task: str, common: list, fit_args: list, flag: str, json_name: str,

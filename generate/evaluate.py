@@ -145,14 +145,16 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
             fm_mean_dc.append(reduced_chi2(mean_dc, truth, t.ivar, t.mask))
             (base_refined,) = refine_translation(s.records[source], [resampled_rec], cons_base)
             base_dc.append(reduced_chi2(base_refined.flux, truth, t.ivar, t.mask))
-        for name, img in (("truth", truth), ("fm", mean), ("fm_consistent", mean_dc), ("baseline", resampled)):
-            shapes[name].append(image_ellipticity(img, t.pixel_scale))
+        shown = [("truth", truth), ("fm", mean), ("fm_consistent", mean_dc), ("baseline", resampled)]
+        for name, img in shown + ([("estimate", e.flux)] if e is not None else []):
+            shapes.setdefault(name, []).append(image_ellipticity(img, t.pixel_scale))
         base_nopsf.append(reduced_chi2(resample_image(s.records[source], t, terms, None).flux, truth, t.ivar, t.mask))
         ceil.append(reduced_chi2(rt.flux, truth, t.ivar, t.mask))
     if figdir is not None:
         for i, s in enumerate(test[:3]):
             image_figure(figdir / f"translate_{i}.png", s.records[source], gen[i], truth_record(s, target),
-                         title=f"{s.object_id}: {source} -> {target} (z={s.params.get('z', float('nan')):.2f})")
+                         title=f"{s.object_id}: {source} -> {target} (z={s.params.get('z', float('nan')):.2f})",
+                         estimate=est[i])
             if cons is not None:
                 image_figure(figdir / f"translate_consistent_{i}.png", s.records[source],
                              refine_translation(s.records[source], gen[i], cons), truth_record(s, target),
@@ -165,7 +167,7 @@ def evaluate_translation(pipe, test, train, figdir: Path | None = None, seed: in
     shape = {name: dict(corr=float(np.mean([np.corrcoef(e[name][:, j], e["truth"][:, j])[0, 1] for j in (0, 1)]))
                         if len(test) > 2 else float("nan"),
                         rms=float(np.sqrt(np.mean((e[name] - e["truth"]) ** 2))))
-             for name in ("fm", "fm_consistent", "baseline")}
+             for name in ("fm", "fm_consistent", "baseline", "estimate") if len(e.get(name, ())) == len(test)}
     shape["truth_rms"] = float(np.sqrt(np.mean(e["truth"] ** 2)))
     return dict(n=len(test), chi2_fm=_median(fm), chi2_fm_mean=_median(np.array(fm_mean)), n_samples=n_samples,
                 chi2_fm_consistent=_median(fm_dc), chi2_fm_mean_consistent=_median(fm_mean_dc), estimate=estimate,
@@ -237,7 +239,7 @@ def evaluate_superres(pipe, test, figdir: Path | None = None, seed: int = 0,
         for i, s in enumerate(test[:3]):
             spectrum_figure(figdir / f"superres_{i}.png", s.records[source], gen[i], truth_record(s, target),
                             title=f"{s.object_id}: {source} -> {target} (z={s.params.get('z', float('nan')):.2f})",
-                            refined=refined[i] or ())
+                            refined=refined[i] or (), estimate=est[i])
     line_errors = {}
     for line in sorted(set(lines["fm"]) | set(lines["baseline"])):
         row = {}

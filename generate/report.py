@@ -91,6 +91,8 @@ def render_markdown(r: dict) -> str:
         f"| omnisky, mean of {t['n_samples']} samples | {_fmt(t['shape']['fm']['corr'])} | {_fmt(t['shape']['fm']['rms'])} |",
         *([f"| omnisky + data consistency, mean | {_fmt(t['shape']['fm_consistent']['corr'])} | "
            f"{_fmt(t['shape']['fm_consistent']['rms'])} |"] if "fm_consistent" in t["shape"] else []),
+        *([f"| omnisky, point estimate | {_fmt(t['shape']['estimate']['corr'])} | "
+           f"{_fmt(t['shape']['estimate']['rms'])} |"] if "estimate" in t["shape"] else []),
         f"| baseline | {_fmt(t['shape']['baseline']['corr'])} | {_fmt(t['shape']['baseline']['rms'])} |", "",
         *([f"Data consistency (`generate.consistency`): each sample is the prior mean of a Gaussian posterior "
            f"whose width is the samples' spread plus {_fmt(t['consistency']['floor'])} x the HSC-like noise "

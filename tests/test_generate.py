@@ -430,6 +430,7 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     assert (tiny_models / "report" / "figures" / "translate_0.png").exists()
     assert (tiny_models / "report" / "figures" / "translate_consistent_0.png").exists()
     assert "data consistency" in report and math.isfinite(figures["translation"]["chi2_fm_mean_consistent"])
+    assert set(figures["translation"]["shape"]) >= {"fm", "estimate", "baseline"}
     est = figures["translation"]["estimate"]
     assert "point estimate" in report and math.isfinite(est["chi2"]) and math.isfinite(est["chi2_consistent"])
     sr = figures["superres"]["estimate"]

@@ -44,7 +44,7 @@ from .templates import template_for
 # Pipeline.estimate's defaults by the target's kind, measured on the demo's held-out objects
 # (bench/RESULTS.md): an image is best as the mean of 8 runs of 2 MaskGIT steps then each token's
 # mean code; a spectrum as the pixel-wise median of 8 samples (its mean codes did no better than
-# one sample, and one sample in ~250 draws its flux-scale token from the far tail, which a mean keeps).
+# one sample, and about one sample in 2,000 draws its flux-scale token from the far tail, which a mean keeps).
 ESTIMATE_REVEAL_STEPS = {"image": 2}          # other kinds: every step (samples)
 ESTIMATE_COMBINE = {"spectrum": "median"}     # other kinds: "mean"
 

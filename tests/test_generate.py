@@ -323,6 +323,9 @@ def test_cli_superres_sample_predict_embed(tiny_models, sky_shards):
     summary = json.loads((tiny_models / "sr" / "summary.json").read_text())
     oid = summary["objects"][0]["object_id"]
     assert math.isfinite(summary["median_chi2_vs_truth_estimate.spectrum.desi"])
+    with pytest.raises(SystemExit, match="--estimate: one target image or spectrum"):   # a scalar has none
+        _run("sample", *common, "--steps", "2", "--given", "image.des", "--target", "scalar.redshift",
+             "--estimate", "--out", str(tiny_models / "sr_x"))
     for k in ("0", "estimate"):
         with fits.open(tiny_models / "sr" / f"{oid}.spectrum.desi.{k}.fits") as hdul:
             assert len(hdul["SPECTRUM"].data["WAVELENGTH"]) == 7781 and hdul["SPECTRUM"].header["INSTRUME"] == "desi"

@@ -81,6 +81,18 @@ def fit_calibration(pipe, samples: Sequence, given: Sequence[str], target: str) 
                                             recalibrated=float(np.mean(inside))))
 
 
+def coverage_sd(level: float, n_test: int, n_calibration: int = 0) -> float:
+    """The sampling spread of a measured coverage of a `level` interval: binomial over the
+    n_test objects scored, plus, when the interval's levels were read from the PIT values
+    of n_calibration objects (quantile recalibration), the spread of the coverage that
+    those empirical quantiles give (an order statistic: Beta, variance ~ level (1 - level)
+    / n). The demo's 400 scored and 415 calibration objects: 0.033. Measured over 40
+    random splits of 2,401 held-out objects into those sizes: 0.030 and 0.036 (two FMs;
+    bench/RESULTS.md), and it checks against simulated PITs in tests/test_eval.py."""
+    var = level * (1 - level) * (1 / max(n_test, 1) + (1 / n_calibration if n_calibration else 0.0))
+    return float(np.sqrt(var))
+
+
 def model_level(q: float, calibration: dict | None) -> float:
     """The posterior level to read for nominal level q (q itself without a calibration)."""
     if not calibration or "pit_quantiles" not in calibration:

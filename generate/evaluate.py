@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..shards.schema import modality_kind
-from .calibration import fit_calibration
+from .calibration import coverage_sd, fit_calibration
 from .catalog_consistency import refine_to_catalog
 from .baselines import catalog_profile_image, fit_colour_terms, fit_psf_regulariser, interpolate_spectrum, resample_image
 from .consistency import fit_consistency, fit_prior_width, known_redshift, refine_translation
@@ -352,7 +352,7 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
     z = np.array([s.records[key].value for s in test])
     post = pipe.predict(test, given, key)
     out = dict(n=len(test), given=given, fm=redshift_metrics(post["median"], z),
-               coverage68=coverage(post["lo68"], post["hi68"], z))
+               coverage68=coverage(post["lo68"], post["hi68"], z), coverage68_sd=coverage_sd(0.68, len(test)))
     if calibration:
         fit = fit_calibration(pipe, calibration, given, key)
         tempered = pipe.predict(test, given, key, temperature=fit["temperature"])
@@ -361,7 +361,8 @@ def evaluate_redshift(pipe, test, calibration, train, seed: int = 0, given=("ima
                    coverage68_tempered=coverage(tempered["lo68"], tempered["hi68"], z),
                    calibration={k: v for k, v in fit.items() if k not in ("levels", "pit_quantiles")}
                    | dict(levels68=post["levels"].tolist()),
-                   fm=redshift_metrics(post["median"], z), coverage68=coverage(post["lo68"], post["hi68"], z))
+                   fm=redshift_metrics(post["median"], z), coverage68=coverage(post["lo68"], post["hi68"], z),
+                   coverage68_sd=coverage_sd(0.68, len(test), fit["n"]))
     if not train:
         return out
     # every training object with fluxes and a redshift, as the FM had them all as tokens
@@ -456,6 +457,7 @@ def evaluate_sdss_catalog(path: str | Path, steps: int = 2000, test_fraction: fl
         fit = fit_calibration(pipe, catalog_samples(cat, names, cal), given, "scalar.redshift")
         post = pipe.predict(test_samples, given, "scalar.redshift", calibration=fit)
         out["calibration"] = dict(temperature=fit["temperature"], n=fit["n"], levels68=post["levels"].tolist())
+        out["coverage68_sd"] = coverage_sd(0.68, len(test), fit["n"])
     return dict(out, fm=redshift_metrics(post["median"], z[test]),
                 coverage68=coverage(post["lo68"], post["hi68"], z[test]),
                 baseline_gb=redshift_metrics(gb.predict(feats[test]), z[test]),

@@ -208,14 +208,15 @@ def render_markdown(r: dict) -> str:
     if "calibration" in z:
         c = z["calibration"]
         lo, mid, hi = c["levels68"]
-        lines += ["", f"68% interval coverage: {z['coverage68']:.2f} (ideal 0.68), calibrated on {c['n']} other held-out "
+        lines += ["", f"68% interval coverage: {z['coverage68']:.2f} +- {z['coverage68_sd']:.2f} (ideal 0.68; +- the spread "
+                      f"that the draw of the scored and the calibration objects alone gives), calibrated on {c['n']} other held-out "
                       f"objects: temperature T = {c['temperature']:.2f}, then the interval read at the posterior's levels "
                       f"{lo:.2f} and {hi:.2f} where the calibration objects' truths fall 16% and "
                       f"84% of the time (the point estimate stays the tempered posterior's median). Tempered only: {z['coverage68_tempered']:.2f}; at T = 1: {z['coverage68_t1']:.2f} "
                       f"(posterior median at T = 1: sigma_NMAD {z['fm_t1']['sigma_nmad']:.3f}, outliers "
                       f"{z['fm_t1']['outlier_frac']:.3f})."]
     else:
-        lines += ["", f"68% interval coverage: {z['coverage68']:.2f} (ideal 0.68)."]
+        lines += ["", f"68% interval coverage: {z['coverage68']:.2f} +- {z['coverage68_sd']:.2f} (ideal 0.68)."]
     lines += ["",
               f"Evaluation took {r['seconds']} s."]
     return "\n".join(lines) + "\n"

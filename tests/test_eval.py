@@ -154,6 +154,24 @@ def test_redshift_metrics_and_coverage():
     assert coverage(z - 0.01, z + 0.01, z) == 1.0 and coverage(z + 0.01, z + 0.02, z) == 0.0
 
 
+def test_coverage_sd_is_the_spread_of_a_recalibrated_coverage_over_draws():
+    """Calibrated PITs are uniform. Read the 68% interval at the 16% and 84% quantiles of
+    n_cal calibration PITs, score it on n_test fresh ones: over many draws the coverage
+    spreads by coverage_sd(0.68, n_test, n_cal) (the demo's sizes: 0.033), and by the
+    binomial alone when the interval's levels are fixed."""
+    from omnisky.generate.calibration import coverage_sd
+    rng = np.random.default_rng(0)
+    for n_test, n_cal in ((400, 415), (1000, 100)):
+        u_cal, u_test = rng.uniform(size=(4000, n_cal)), rng.uniform(size=(4000, n_test))
+        lo, hi = np.quantile(u_cal, 0.16, axis=1)[:, None], np.quantile(u_cal, 0.84, axis=1)[:, None]
+        cov = ((u_test >= lo) & (u_test <= hi)).mean(1)
+        assert abs(cov.mean() - 0.68) < 0.02          # the empirical quantiles run ~1/n_cal narrow
+        assert abs(cov.std() / coverage_sd(0.68, n_test, n_cal) - 1) < 0.08, (cov.std(), coverage_sd(0.68, n_test, n_cal))
+        fixed = ((u_test >= 0.16) & (u_test <= 0.84)).mean(1)
+        assert abs(fixed.std() / coverage_sd(0.68, n_test) - 1) < 0.08
+    assert abs(coverage_sd(0.68, 400, 415) - 0.033) < 0.001
+
+
 def test_bootstrap_win_rate_tells_a_better_predictor_from_a_tie():
     rng = np.random.default_rng(1)
     z = rng.uniform(0.1, 1.0, 300)

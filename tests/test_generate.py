@@ -443,6 +443,8 @@ def test_cli_report_writes_markdown_with_figures(tiny_models, sky_shards):
     assert "The point estimate (`Pipeline.estimate`): reduced chi2" in report
     assert "flux r against the noiseless truth's stamp" in report
     assert "the same ridge probe on the fluxes' features" in report
+    z = figures["redshift"]
+    assert 0 < z["coverage68_sd"] < 0.5 and f"coverage: {z['coverage68']:.2f} +- {z['coverage68_sd']:.2f}" in report
 
 
 def test_colours_are_tokenized_into_shards_and_given_with_their_fluxes(tiny_models, sky_shards):

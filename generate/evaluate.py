@@ -457,8 +457,8 @@ def evaluate_sdss_catalog(path: str | Path, steps: int = 2000, test_fraction: fl
         fit = fit_calibration(pipe, catalog_samples(cat, names, cal), given, "scalar.redshift")
         post = pipe.predict(test_samples, given, "scalar.redshift", calibration=fit)
         out["calibration"] = dict(temperature=fit["temperature"], n=fit["n"], levels68=post["levels"].tolist())
-        out["coverage68_sd"] = coverage_sd(0.68, len(test), fit["n"])
     return dict(out, fm=redshift_metrics(post["median"], z[test]),
                 coverage68=coverage(post["lo68"], post["hi68"], z[test]),
+                coverage68_sd=coverage_sd(0.68, len(test), out.get("calibration", {}).get("n", 0)),
                 baseline_gb=redshift_metrics(gb.predict(feats[test]), z[test]),
                 budget=budget)

@@ -172,6 +172,19 @@ def test_coverage_sd_is_the_spread_of_a_recalibrated_coverage_over_draws():
     assert abs(coverage_sd(0.68, 400, 415) - 0.033) < 0.001
 
 
+def test_real_sdss_catalog_evaluation_gives_calibrated_coverage_and_its_spread(shared_data):
+    """The real SDSS catalog path (bench/eval.py's sdss_photoz), briefly trained on 400 rows:
+    FM and gradient-boosting figures on the same test rows, the calibrated coverage and its
+    draw spread from the split's sizes."""
+    from pathlib import Path
+    from omnisky.generate.calibration import coverage_sd
+    from omnisky.generate.evaluate import evaluate_sdss_catalog
+    res = evaluate_sdss_catalog(Path(shared_data) / "sdss_photoz" / "sdss_galaxies_dev.fits", steps=30,
+                                n_rows=400, calibration_fraction=0.1)
+    assert res["n_test"] == 80 and res["calibration"]["n"] == 40 and res["fm"]["n"] == res["baseline_gb"]["n"] == 80
+    assert 0 <= res["coverage68"] <= 1 and res["coverage68_sd"] == coverage_sd(0.68, 80, 40)
+
+
 def test_bootstrap_win_rate_tells_a_better_predictor_from_a_tie():
     rng = np.random.default_rng(1)
     z = rng.uniform(0.1, 1.0, 300)

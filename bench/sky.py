@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -37,11 +36,9 @@ from omnisky.shards.sed import shared_data_dir  # noqa: E402
 from omnisky.config import load_config  # noqa: E402
 from omnisky.shards.render import IMAGING  # noqa: E402
 from omnisky.shards.sky import SkyConfig, simulate, simulate_catalog  # noqa: E402
+from omnisky.generate.photoz import SDSS_CURVES as SDSS, SDSS_R_LIMITS as R_LIMITS, SDSS_SKY, real_like_errors  # noqa: E402
 
-SDSS = ("sdss.u", "sdss.g", "sdss.r", "sdss.i", "sdss.z")
 Z_BINS = ((0.02, 0.06), (0.06, 0.10), (0.10, 0.15), (0.15, 0.20), (0.20, 0.30), (0.30, 0.40))
-R_LIMITS = (14.0, 17.77)
-SDSS_SKY = Path(__file__).resolve().parents[1] / "launch" / "sky" / "sdss.yaml"
 COLOUR_TOL, SCATTER_FACTOR, KS_MAX, QUANTILE_TOL, NOISE_FACTOR = 0.1, 1.5, 0.1, 0.15, 2.0
 MIN_PER_BIN = 15
 # HSC-SSP UltraDeep 5-sigma point-source depths g, r, i, z, y (Aihara et al. 2018, PASJ 70,
@@ -62,23 +59,10 @@ def real_sdss(path) -> dict[str, np.ndarray]:
     return dict(flux=flux[ok] * corr, frac_err=1 / np.sqrt(ivar[ok]) / flux[ok], z=z[ok])
 
 
-# SDSS photometric calibration errors, fractional, ugriz (Padmanabhan et al. 2008: ~1% in
-# g, r, i, 2% in u and z), which the catalog's formal MODELFLUX_IVAR leaves out
-CALIBRATION = (0.02, 0.01, 0.01, 0.01, 0.02)
-
-
 def add_real_errors(flux: np.ndarray, real: dict, rng: np.random.Generator) -> np.ndarray:
     """Noisy copies of simulated fluxes (N, 5) with the real catalog's median fractional
     error at the same flux, per band, and the calibration errors in quadrature."""
-    out = np.empty_like(flux)
-    for b in range(flux.shape[1]):
-        lf = np.log10(real["flux"][:, b])
-        edges = np.quantile(lf, np.linspace(0, 1, 21))
-        centre = 0.5 * (edges[1:] + edges[:-1])
-        med = [np.median(real["frac_err"][(lf >= lo) & (lf <= hi), b]) for lo, hi in zip(edges[:-1], edges[1:])]
-        frac = np.hypot(np.interp(np.log10(np.clip(flux[:, b], 1e-3, None)), centre, med), CALIBRATION[b])
-        out[:, b] = flux[:, b] * (1 + frac * rng.standard_normal(len(flux)))
-    return out
+    return real_like_errors(flux, real["flux"], real["frac_err"], rng)[0]
 
 
 def _mags(flux):

@@ -180,9 +180,29 @@ def test_real_sdss_catalog_evaluation_gives_calibrated_coverage_and_its_spread(s
     from omnisky.generate.calibration import coverage_sd
     from omnisky.generate.evaluate import evaluate_sdss_catalog
     res = evaluate_sdss_catalog(Path(shared_data) / "sdss_photoz" / "sdss_galaxies_dev.fits", steps=30,
-                                n_rows=400, calibration_fraction=0.1)
+                                n_rows=400, calibration_fraction=0.1, n_simulated=300, pretrain_steps=10)
     assert res["n_test"] == 80 and res["calibration"]["n"] == 40 and res["fm"]["n"] == res["baseline_gb"]["n"] == 80
     assert 0 <= res["coverage68"] <= 1 and res["coverage68_sd"] == coverage_sd(0.68, 80, 40)
+    assert 100 < res["budget"]["pretrain_objects"] < 300 and res["budget"]["pretrain_steps"] == 10
+
+
+def test_simulated_sdss_catalog_looks_like_the_real_main_sample(shared_data):
+    """The SDSS-like simulated catalog: read_sdss_catalog's keys, SDSS's r cut, errors like
+    the real catalog's at the same flux, colours and redshifts near the real galaxies'."""
+    from pathlib import Path
+    from omnisky.generate.photoz import SDSS_BANDS, read_sdss_catalog, simulated_sdss_catalog
+    real = read_sdss_catalog(Path(shared_data) / "sdss_photoz" / "sdss_galaxies_dev.fits")
+    sim = simulated_sdss_catalog(600, real, seed=3)
+    assert set(sim) == set(real) and 300 < len(sim["redshift"]) < 600
+    r = 22.5 - 2.5 * np.log10(sim["flux_r"])
+    assert (r > 14).all() and (r < 17.77).all() and (sim["sigma_r"] > 0).all()
+    mag = lambda t, b: 22.5 - 2.5 * np.log10(np.clip(t[f"flux_{b}"], 1e-3, None))   # noqa: E731
+    for a, b in zip(SDSS_BANDS[1:3], SDSS_BANDS[2:4]):                                 # g - r, r - i
+        assert abs(np.median(mag(sim, a) - mag(sim, b)) - np.median(mag(real, a) - mag(real, b))) < 0.1
+    frac = lambda t: np.median(t["sigma_r"] / t["flux_r"])     # noqa: E731  (sim: + r's 1% calibration error)
+    assert 0.8 < frac(sim) / np.hypot(frac(real), 0.01) < 1.25 and abs(np.median(sim["redshift"]) / np.median(real["redshift"]) - 1) < 0.2
+    again = simulated_sdss_catalog(600, real, seed=3)
+    assert np.array_equal(again["flux_g"], sim["flux_g"])
 
 
 def test_bootstrap_win_rate_tells_a_better_predictor_from_a_tie():
@@ -220,6 +240,28 @@ def test_catalog_fm_learns_redshift_from_a_colour():
                         "scalar.redshift")
     assert np.corrcoef(post["median"], table["redshift"][500:])[0, 1] > 0.9
     assert np.all(post["lo68"] <= post["hi68"]) and budget["fm_steps"] == 150
+
+
+def test_catalog_fm_pretrained_on_a_simulated_catalog_learns_from_few_real_objects():
+    """30 real objects teach a short fine-tuning little; 600 simulated ones with the same
+    colour-redshift relation, trained on first, make its posterior follow the truth."""
+    rng = np.random.default_rng(0)
+    def table(n):
+        colour = rng.uniform(0, 2, n)
+        return dict(colour_gr=colour, mag_r=rng.uniform(17, 19, n), redshift=0.1 + 0.2 * colour)
+    names = ["mag_r", "colour_gr", "redshift"]
+    real, sim, test = table(30), table(600), table(100)
+    given = ["scalar.mag_r", "scalar.colour_gr"]
+    corr = {}
+    for pre in (0, 150):
+        pipe, budget = train_catalog_fm(catalog_samples(real, names), names, n_bins=8, steps=10, batch_size=64,
+                                        lr=3e-3, pretrain=catalog_samples(sim, names), pretrain_steps=pre)
+        post = pipe.predict(catalog_samples(test, names), given, "scalar.redshift")
+        corr[pre] = np.corrcoef(post["median"], test["redshift"])[0, 1]
+    assert corr[150] > 0.9 and corr[150] > corr[0] + 0.1, corr
+    assert budget["pretrain_objects"] == 600 and budget["fm_objects_seen"] == 160 * 64
+    with pytest.raises(ValueError, match="pretrain_steps > 0 needs"):
+        train_catalog_fm(catalog_samples(real, names), names, n_bins=8, steps=1, pretrain_steps=5)
 
 
 def test_write_npz_round_trip(tmp_path):

@@ -448,8 +448,9 @@ def evaluate_sdss_catalog(path: str | Path, steps: int = 2000, test_fraction: fl
     test, cal, train = perm[:n_test], perm[n_test:n_test + n_cal], perm[n_test + n_cal:]
     flux = np.stack([cat[f"flux_{b}"] for b in SDSS_BANDS], 1)                        # (N, 5)
     feats = flux_features(flux)                                                           # (N, 9)
-    cat.update(sdss_scalars(flux))
-    names = ["mag_r", *(f"colour_{a}{b}" for a, b in zip(SDSS_BANDS[:-1], SDSS_BANDS[1:])), "redshift"]
+    inputs = sdss_scalars(flux)                                                           # mag_r, 4 colours
+    cat.update(inputs)
+    names = [*inputs, "redshift"]
     z = cat["redshift"]
     gb = gradient_boosting(feats[train], z[train], seed)
     pretrain, lr = [], 5e-3

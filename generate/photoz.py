@@ -199,7 +199,13 @@ def train_catalog_fm(samples: Sequence[Sample], names: Sequence[str], log_names:
     tok.fit(r for s in samples for r in s.records.values())
     keys = [f"scalar.{n}" for n in names]
     table = ModalityTable.from_tokenizers({k: tok for k in keys})
-    token_ids = lambda rows: np.concatenate([tok.encode([s.records[k] for s in rows]).numpy() for k in keys], 1)  # noqa: E731
+    def token_ids(rows: Sequence[Sample]) -> np.ndarray:                          # (N, K)
+        for s in rows:
+            missing = [k for k in keys if k not in s.records]
+            if missing:
+                raise KeyError(f"train_catalog_fm: object {s.object_id!r} lacks {missing}; every object (and "
+                               f"every pretraining object) must hold all of {keys}")
+        return np.concatenate([tok.encode([s.records[k] for s in rows]).numpy() for k in keys], 1)
     ids = token_ids(samples)                                                      # (N, K)
     modality = np.array([table.index(k) for k in keys])
     model = FourM(fm or FMConfig(dim=64, enc_depth=2, dec_depth=2, heads=4), table)

@@ -262,6 +262,9 @@ def test_catalog_fm_pretrained_on_a_simulated_catalog_learns_from_few_real_objec
     assert budget["pretrain_objects"] == 600 and budget["fm_objects_seen"] == 160 * 64
     with pytest.raises(ValueError, match="pretrain_steps > 0 needs"):
         train_catalog_fm(catalog_samples(real, names), names, n_bins=8, steps=1, pretrain_steps=5)
+    with pytest.raises(KeyError, match="object 'row0' lacks \\['scalar.colour_gr'\\]"):
+        train_catalog_fm(catalog_samples(real, names), names, n_bins=8, steps=1, pretrain_steps=5,
+                         pretrain=catalog_samples(sim, ["mag_r", "redshift"]))
 
 
 def test_write_npz_round_trip(tmp_path):

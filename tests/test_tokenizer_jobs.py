@@ -300,31 +300,36 @@ def test_tokenize_matches_encode_and_is_worker_independent(tokdir, sky, tmp_path
     assert out[0][2]["params"] == raw[0].params and out[0][2]["present"] == sorted(out[0][1])
 
 
-def test_tokenize_places_an_image_brightness_scale_off_the_sky_grid(sky, tmp_path):
-    """An image tokenizer with a brightness-scale token: omnisky-tokenize writes 65 tokens,
-    grid_start 1 and the two code segments; the FM built from that manifest puts token 0
-    off the sky and the 8x8 grid after it, and predicts every position."""
+@pytest.mark.parametrize("point", [False, True])
+def test_tokenize_places_an_image_brightness_scale_off_the_sky_grid(sky, tmp_path, point):
+    """An image tokenizer with a brightness-scale token (and, with `point`, 7 point-source
+    tokens after it): omnisky-tokenize writes 65 (72) tokens, grid_start 1 (8) and the code
+    segments; the FM built from that manifest puts those tokens off the sky and the 8x8
+    grid after them, and predicts every position."""
     from omnisky.fm.model import FMConfig, FourM
     from omnisky.fm.modality import ModalityTable
     from omnisky.tokenizers.image import ImageConfig, ImageTokenizer
     from omnisky.tokenizers.tokenize_shards import tokenize
     torch.manual_seed(0)
-    tok = ImageTokenizer(ImageConfig(channels=8, hidden=16, band_dim=8, scale_bins=100)).eval()
+    extra = dict(ps_anchors=(4800.0, 6300.0, 7800.0, 9000.0, 9800.0)) if point else {}
+    tok = ImageTokenizer(ImageConfig(channels=8, hidden=16, band_dim=8, scale_bins=100, **extra)).eval()
     tok.save(tmp_path / "tok" / "image")
     m = tokenize(sky, tmp_path / "tok", tmp_path / "out", batch_size=8)
     spec = m["modalities"]["image.hsc"]
-    assert spec["n_tokens"] == 65 and spec["grid_start"] == 1
-    assert spec["code_segments"] == [[1, [100]], [64, [8, 5, 5, 5]]]
+    start = 8 if point else 1
+    n = start + 64
+    assert spec["n_tokens"] == n and spec["grid_start"] == start
+    assert spec["code_segments"] == [[1, [100]]] + ([[7, [1000]]] if point else []) + [[64, [8, 5, 5, 5]]]
     table = ModalityTable.from_manifest(m)
     model = FourM(FMConfig(dim=32, enc_depth=1, dec_depth=1, heads=2), table).eval()
     h = table.index("image.hsc")
-    _, on_sky = model._sky_xy(torch.full((65,), h), torch.arange(65))
-    assert not on_sky[0] and on_sky[1:].all()
+    _, on_sky = model._sky_xy(torch.full((n,), h), torch.arange(n))
+    assert not on_sky[:start].any() and on_sky[start:].all()
     out = next(iter(stream(shard_urls(tmp_path / "out"), decode="tokens")))
     ids = {k: torch.as_tensor(v, dtype=torch.long)[None] for k, v in out[1].items()}
     assert int(ids["image.hsc"][0, 0]) < 100
-    logits = model.logits(ids, {"image.hsc": torch.arange(65)[None]})["image.hsc"]
-    assert logits.shape == (1, 65, 1000) and torch.isfinite(logits).all()
+    logits = model.logits(ids, {"image.hsc": torch.arange(n)[None]})["image.hsc"]
+    assert logits.shape == (1, n, 1000) and torch.isfinite(logits).all()
 
 
 def test_tokenize_augment_writes_turned_copies(tokdir, sky, tmp_path):

@@ -61,6 +61,14 @@ fainter than the knee are unchanged (g = 1); brighter ones all reach about
 arcsinh(knee) at their peak, so the grid codes describe a shape, and a galaxy 10x brighter
 has the same codes and a scale 1 dex higher (tested). The FM places token 0 off the sky
 grid (fm.modality `grid_start`).
+
+Point source (tokens after the scale token, with `ps_anchors`). A star's band fluxes sit
+in the grid cells over its core and come back 2-20% wrong, so a point source drawn from
+each band's PSF is fitted at encode time (tokenizers.point_source: a sub-pixel offset,
+one flux per band, and the choice: point source or not), tokenised (2 offset tokens and
+one flux token per anchor wavelength), drawn again from its tokens and subtracted
+before the network sees the stamp; decoding adds it back in each target band. The grid
+codes what it leaves. Off by default.
 """
 from __future__ import annotations
 
@@ -76,6 +84,7 @@ from ..shards import bands as band_registry
 from ..shards.schema import Image, RecordError
 from .base import Tokenizer, as_list, register_tokenizer
 from .layers import Downsample, FiLM, ResBlock, TokenMixer, Upsample, conv, norm, pyramid_halvings
+from .point_source import PointSource
 from .quantizer import make_quantizer
 
 AB_NANOMAGGY_ZP = 22.5   # zero point of the common flux unit (nanomaggies)
@@ -122,6 +131,12 @@ class ImageConfig:
                                     # (tiny config, chi2 vs truth DES / HSC: knee 1 0.071 / 0.138, 3 0.056 / 0.119,
                                     # 10 0.057 / 0.134, 30 0.110 / 0.263; no scale token 0.100 / 0.269)
     log_scale_max: float = 3.0      # log10 g spanned by the scale bins (brighter peaks: the last bin)
+    ps_anchors: tuple[float, ...] = ()   # point-source tokens (tokenizers.point_source): their band fluxes at these
+                                    # wavelengths (Angstrom, increasing); () = none
+    ps_bins: int = 1000             # bins of each point-source token (<= vocab)
+    ps_beta: float = 3.0            # Moffat beta of the point source's PSF
+    ps_max_unexplained: float = 0.04  # a point source when the PSF fit leaves less than this of its core's sum of squares
+    ps_min_snr: float = 20.0        # ... and the core's S/N reaches this
 
 
 def band_features(name: str, pixel_scale: float, psf_fwhm: float, object_id: str = "") -> np.ndarray:
@@ -209,6 +224,11 @@ class ImageTokenizer(Tokenizer):
                                   conv(2, widths[0] // 2, c.patch ** 2, kernel=1))
         if c.scale_bins > self.quantizer.vocab_size:
             raise ValueError(f"ImageConfig.scale_bins {c.scale_bins} exceeds the vocabulary {self.quantizer.vocab_size}")
+        if c.ps_anchors and c.ps_bins > self.quantizer.vocab_size:
+            raise ValueError(f"ImageConfig.ps_bins {c.ps_bins} exceeds the vocabulary {self.quantizer.vocab_size}")
+        self.point_source = PointSource(tuple(float(a) for a in c.ps_anchors), c.ps_bins, c.ps_beta,
+                                        max_unexplained=c.ps_max_unexplained, min_snr=c.ps_min_snr) \
+            if c.ps_anchors else None
 
     @property
     def vocab_size(self) -> int:
@@ -225,19 +245,33 @@ class ImageTokenizer(Tokenizer):
         return int(self.config.scale_bins > 0)
 
     @property
+    def n_point(self) -> int:
+        """Point-source tokens after the scale token: 2 + len(ps_anchors), or 0."""
+        return self.point_source.n_tokens if self.point_source is not None else 0
+
+    @property
+    def grid_start(self) -> int:
+        """Tokens before the sky grid: the scale token, then the point source's."""
+        return self.n_scale + self.n_point
+
+    @property
     def n_tokens(self) -> int:
-        return self.n_scale + self.grid * self.grid
+        return self.grid_start + self.grid * self.grid
 
     @property
     def code_segments(self) -> tuple:
-        grid = ((self.grid * self.grid, self.code_levels),)
-        return ((1, (self.config.scale_bins,)),) + grid if self.n_scale else grid
+        head = ((1, (self.config.scale_bins,)),) if self.n_scale else ()
+        head += ((self.n_point, (self.config.ps_bins,)),) if self.n_point else ()
+        return head + ((self.grid * self.grid, self.code_levels),)
 
     def allowed_ids(self) -> torch.Tensor:
-        """(n_tokens, vocab_size): the scale token (if any) takes ids below scale_bins."""
+        """(n_tokens, vocab_size): the scale token (if any) takes ids below scale_bins, the
+        point-source tokens ids below ps_bins."""
         allowed = super().allowed_ids()
         if self.n_scale:
             allowed[0, self.config.scale_bins:] = False
+        if self.n_point:
+            allowed[self.n_scale:self.grid_start, self.config.ps_bins:] = False
         return allowed
 
     # -- brightness scale (token 0 when scale_bins > 0) ----------------------------------
@@ -310,6 +344,14 @@ class ImageTokenizer(Tokenizer):
             factor[b] = to_common(r.zero_point, r.pixel_scale)
         flux, ivar, good, factor = (torch.from_numpy(a).to(self.device) for a in (flux, ivar, good, factor))
         feat, present = feat.to(self.device), present.to(self.device)
+        ps_ids = None
+        if self.point_source is not None:   # fit it, tokenise it, and leave the grid what it does not draw
+            fwhm_px, lam, pix = self._band_geometry(records)
+            nmgy = (factor * pix.reshape(-1, 1, 1, 1) ** 2).double()                     # survey flux -> nmgy / pixel
+            fit = self.point_source.fit(flux * nmgy, ivar / nmgy ** 2, good, fwhm_px)
+            ps_ids = self.point_source.tokens(fit, lam, present, pix)
+            drawn = self.point_source.render(ps_ids, fwhm_px, lam, present, pix, S) / nmgy
+            flux = torch.where(good, flux - drawn.to(flux.dtype), torch.zeros_like(flux))
         sb = flux * factor                                               # (B, C, H, W) nmgy/arcsec^2
         scale_ids = self.scale_token(sb, good) if self.n_scale else torch.zeros(B, dtype=torch.long, device=sb.device)
         s = self.softening_of(self.scale_value(scale_ids)) if self.n_scale else self.config.softening   # (B, 1, 1, 1)
@@ -322,7 +364,19 @@ class ImageTokenizer(Tokenizer):
             w = (ivar_sb * (s ** 2 + sb_w ** 2)).clamp(max=self.config.min_sigma ** -2)
         w = torch.where(good, w, torch.zeros_like(w))
         return dict(x=x, sb=sb, w=w, good=good, flux=flux, ivar=ivar, factor=factor, feat=feat, present=present,
-                    s=s, scale_ids=scale_ids)
+                    s=s, scale_ids=scale_ids, ps_ids=ps_ids)
+
+    def _band_geometry(self, likes: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each record's PSF FWHM in pixels and effective wavelengths (B, C), C = most bands
+        (0 where absent), and pixel scales (B,), float64 on the model's device."""
+        C = max(len(r.bands) for r in likes)
+        fwhm, lam = np.zeros((len(likes), C)), np.zeros((len(likes), C))
+        for b, r in enumerate(likes):
+            psf = np.broadcast_to(np.asarray(r.psf_fwhm, dtype=np.float64), (len(r.bands),))
+            fwhm[b, :len(r.bands)] = np.where(np.isfinite(psf) & (psf > 0), psf, 1.0) / r.pixel_scale
+            lam[b, :len(r.bands)] = [_band_metadata(n)[0] for n in r.bands]
+        pix = np.array([float(r.pixel_scale) for r in likes])
+        return tuple(torch.from_numpy(a).to(self.device) for a in (fwhm, lam, pix))
 
     # -- the network -------------------------------------------------------------------
     def encode_latent(self, x: torch.Tensor, good: torch.Tensor, feat: torch.Tensor,
@@ -357,8 +411,10 @@ class ImageTokenizer(Tokenizer):
         batch = self._prepare(as_list(records))
         z = self.encode_latent(batch["x"], batch["good"], batch["feat"], batch["present"])
         _, ids, _ = self.quantizer(z)                                    # (B, h*w)
+        if self.n_point:
+            ids = torch.cat([batch["ps_ids"].to(ids), ids], 1)           # (B, n_point + h*w)
         if self.n_scale:
-            ids = torch.cat([batch["scale_ids"][:, None].to(ids), ids], 1)   # (B, 1 + h*w)
+            ids = torch.cat([batch["scale_ids"][:, None].to(ids), ids], 1)   # (B, 1 + ...)
         return ids
 
     @torch.no_grad()
@@ -374,8 +430,13 @@ class ImageTokenizer(Tokenizer):
         if self.n_scale and tokens[:, 0].max() >= self.config.scale_bins:
             raise ValueError(f"ImageTokenizer.decode: token 0 (the brightness scale) must lie in "
                              f"[0, {self.config.scale_bins}), got {int(tokens[:, 0].max())}")
-        z_q = self.quantizer.codes(tokens[:, self.n_scale:], (self.grid, self.grid))  # (B, d, h, w)
-        return self._render(z_q, tokens[:, 0] if self.n_scale else None, self._templates(like, len(tokens)))
+        if self.n_point and tokens[:, self.n_scale:self.grid_start].max() >= self.config.ps_bins:
+            raise ValueError(f"ImageTokenizer.decode: the point-source tokens {self.n_scale}..{self.grid_start - 1} "
+                             f"must lie in [0, {self.config.ps_bins}), got "
+                             f"{int(tokens[:, self.n_scale:self.grid_start].max())}")
+        z_q = self.quantizer.codes(tokens[:, self.grid_start:], (self.grid, self.grid))  # (B, d, h, w)
+        return self._render(z_q, tokens[:, 0] if self.n_scale else None, self._templates(like, len(tokens)),
+                            tokens[:, self.n_scale:self.grid_start] if self.n_point else None)
 
     @torch.no_grad()
     def decode_expected(self, probs: torch.Tensor, like) -> list[Image]:
@@ -389,9 +450,10 @@ class ImageTokenizer(Tokenizer):
             raise ValueError(f"ImageTokenizer.decode_expected: expected probs (B, {self.n_tokens}, "
                              f"{self.vocab_size}), got {tuple(probs.shape)}")
         probs = probs.to(self.device)
-        z = self.quantizer.expected_codes(probs[:, self.n_scale:], (self.grid, self.grid))   # (B, d, h, w)
+        z = self.quantizer.expected_codes(probs[:, self.grid_start:], (self.grid, self.grid))   # (B, d, h, w)
         scale = probs[:, 0, :self.config.scale_bins].argmax(-1) if self.n_scale else None
-        return self._render(z, scale, self._templates(like, len(probs)))
+        point = probs[:, self.n_scale:self.grid_start, :self.config.ps_bins].argmax(-1) if self.n_point else None
+        return self._render(z, scale, self._templates(like, len(probs)), point)
 
     def _templates(self, like, n: int) -> list[Image]:
         likes = as_list(like)
@@ -406,17 +468,24 @@ class ImageTokenizer(Tokenizer):
                 raise RecordError(f"object {t.object_id!r}: field 'image.pixel_scale': must be > 0, got {t.pixel_scale}")
         return likes
 
-    def _render(self, z_q: torch.Tensor, scale_ids: torch.Tensor | None, likes: list[Image]) -> list[Image]:
-        """z_q (B, d, h, w) codes (on the grid or not), scale_ids (B,) or None -> Images."""
-        feat, _ = self._features(likes)
+    def _render(self, z_q: torch.Tensor, scale_ids: torch.Tensor | None, likes: list[Image],
+                point_ids: torch.Tensor | None = None) -> list[Image]:
+        """z_q (B, d, h, w) codes (on the grid or not), scale_ids (B,) or None, point-source
+        ids (B, n_point) or None -> Images."""
+        feat, present = self._features(likes)
         x_hat = self.decode_latent(z_q, feat.to(self.device)).cpu().numpy()         # (B, C, H, W)
         s = (self.softening_of(self.scale_value(scale_ids)).cpu().numpy().astype(np.float64) if self.n_scale
              else np.full((len(likes), 1, 1, 1), self.config.softening))            # (B, 1, 1, 1)
+        point = np.zeros(x_hat.shape)
+        if point_ids is not None:
+            fwhm_px, lam, pix = self._band_geometry(likes)
+            point = self.point_source.render(point_ids, fwhm_px, lam, present.to(self.device), pix,
+                                             self.config.size).cpu().numpy()          # (B, C, H, W) nmgy / pixel
         out = []
         for b, t in enumerate(likes):
             n = len(t.bands)
-            flux = (s[b] * np.sinh(x_hat[b, :n].astype(np.float64))
-                    / to_common(t.zero_point, t.pixel_scale)).astype(np.float32)   # (n, H, W)
+            flux = ((s[b] * np.sinh(x_hat[b, :n].astype(np.float64)) * t.pixel_scale ** 2 + point[b, :n])
+                    / (to_common(t.zero_point, t.pixel_scale) * t.pixel_scale ** 2)).astype(np.float32)   # (n, H, W)
             ivar = _template_ivar(t.ivar, flux.shape)
             psf = np.broadcast_to(np.asarray(t.psf_fwhm, dtype=np.float32), (n,)).copy()
             out.append(Image(flux=flux, ivar=ivar, mask=np.zeros(flux.shape, dtype=bool),

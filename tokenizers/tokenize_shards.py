@@ -211,8 +211,8 @@ def tokenize(raw: str | Path, tokdir: str | Path, out: str | Path, workers: int 
         cells = [c for r in results for c in r["cells"].get(key, [])]
         if cells:   # the FM's sky positions (fm.modality); one survey's stamps share a pixel scale
             modalities[key]["cell_arcsec"] = round(float(np.median(cells)), 6)
-            if getattr(tok, "n_scale", 0):   # the brightness-scale token precedes the grid
-                modalities[key]["grid_start"] = int(tok.n_scale)
+            if getattr(tok, "grid_start", 0):   # the brightness-scale and point-source tokens precede the grid
+                modalities[key]["grid_start"] = int(tok.grid_start)
             if np.ptp(cells) > 0.01 * np.median(cells):
                 warnings.warn(f"omnisky-tokenize: {key}: token cells of {min(cells):.4g}-{max(cells):.4g} arcsec "
                               f"(pixel scales differ); the FM places them all at the median {np.median(cells):.4g}")

@@ -232,7 +232,7 @@ def bench_images(tok, train_samples, sim_samples, real: dict[str, list[Image]]) 
         if not recs:
             continue
         ids = np.concatenate([tok.encode(recs[i:i + 32]).numpy() for i in range(0, len(recs), 32)])
-        all_ids.append(ids[:, tok.n_scale:])                            # the grid's codes (token 0 may be the scale)
+        all_ids.append(ids[:, tok.grid_start:])                         # the grid's codes (after scale / point source)
         decoded = [d for i in range(0, len(recs), 32)
                    for d in tok.decode(torch.from_numpy(ids[i:i + 32]), like=recs[i:i + 32])]
         row = {"n": len(recs), "chi2_input": med([chi2(d.flux, r.flux, r) for d, r in zip(decoded, recs)])}
@@ -246,12 +246,16 @@ def bench_images(tok, train_samples, sim_samples, real: dict[str, list[Image]]) 
         if planes is not None:
             row["pca"] = pca_images(planes, recs, bits, truth, classes)
             row["beats_pca"] = bool(row[criterion(truth)] < row["pca"][criterion(truth)])
-        row["codes"] = code_use(ids[:, tok.n_scale:], tok.vocab_size)
+        if tok.n_point:   # the fraction of objects drawn with a point source, per class
+            point = ids[:, tok.n_scale] > 0
+            row["point_source_fraction"] = {"all": round(float(point.mean()), 3)} if classes is None else \
+                {str(k): round(float(point[np.asarray(classes) == k].mean()), 3) for k in sorted(set(classes))}
+        row["codes"] = code_use(ids[:, tok.grid_start:], tok.vocab_size)
         out[name] = row
     out["codes"] = code_use(np.concatenate(all_ids), tok.vocab_size)
     recs = [r for k in keys for r in train[k]]
     out["codes_train"] = training_code_use(
-        np.concatenate([tok.encode(recs[i:i + 32]).numpy()[:, tok.n_scale:] for i in range(0, len(recs), 32)]),
+        np.concatenate([tok.encode(recs[i:i + 32]).numpy()[:, tok.grid_start:] for i in range(0, len(recs), 32)]),
         tok.vocab_size)
     return out
 

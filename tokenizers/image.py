@@ -349,7 +349,7 @@ class ImageTokenizer(Tokenizer):
             fwhm_px, lam, pix = self._band_geometry(records)
             nmgy = (factor * pix.reshape(-1, 1, 1, 1) ** 2).double()                     # survey flux -> nmgy / pixel
             fit = self.point_source.fit(flux * nmgy, ivar / nmgy ** 2, good, fwhm_px)
-            ps_ids = self.point_source.tokens(fit, lam, present, pix)
+            ps_ids = self.point_source.tokens(fit, lam, present & good.flatten(2).any(-1), pix)   # seen bands only
             drawn = self.point_source.render(ps_ids, fwhm_px, lam, present, pix, S) / nmgy
             flux = torch.where(good, flux - drawn.to(flux.dtype), torch.zeros_like(flux))
         sb = flux * factor                                               # (B, C, H, W) nmgy/arcsec^2

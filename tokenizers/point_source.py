@@ -1,9 +1,9 @@
 """A point source drawn from each band's PSF, with its band fluxes as tokens of their own.
 
-    ps = PointSource(anchors=(4800, 6300, 7800, 9000, 9800))      # g, r, i, z, y
-    fit = ps.fit(flux_nmgy, ivar_nmgy, good, fwhm_px, wavelength, present)   # per object, per band
-    ids = ps.tokens(fit)                       # (B, 2 + K): offset x, offset y, K anchor fluxes
-    model = ps.render(ids, fwhm_px, wavelength, pixel_scale, present, size)  # (B, C, H, W) nanomaggies
+    ps = PointSource(anchors=(4800, 6300, 7800, 9000, 9800))      # g, r, i, z, y slots
+    fit = ps.fit(flux_nmgy, ivar_nmgy, good, fwhm_px)      # (B, C, H, W) stamps, (B, C) FWHM in pixels
+    ids = ps.tokens(fit, wavelength, present, pixel_scale)  # (B, 2 + K): offset x, offset y, K slot fluxes
+    drawn = ps.render(ids, fwhm_px, wavelength, present, pixel_scale, size)   # (B, C, H, W) nanomaggies
 
 The image tokenizer's grid codes are 10 bits per 4 x 4 pixel cell, through a latent
 averaged over the bands; a star's band fluxes sit in the one or two cells over its core,
@@ -115,6 +115,7 @@ class PointSource:
         dy = torch.zeros_like(dx)
         P = moffat_stamps(dx, dy, fw, self.beta, H, window=n)
         amp = (w * P * f).sum((2, 3)) / (w * P * P).sum((2, 3)).clamp_min(1e-30)              # fluxes at the centre
+
         def s(a, b):   # (B, C) weighted inner products per band
             return (w * a * b).sum((2, 3))
 

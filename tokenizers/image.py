@@ -484,8 +484,9 @@ class ImageTokenizer(Tokenizer):
         out = []
         for b, t in enumerate(likes):
             n = len(t.bands)
-            flux = ((s[b] * np.sinh(x_hat[b, :n].astype(np.float64)) * t.pixel_scale ** 2 + point[b, :n])
-                    / (to_common(t.zero_point, t.pixel_scale) * t.pixel_scale ** 2)).astype(np.float32)   # (n, H, W)
+            common = to_common(t.zero_point, t.pixel_scale)
+            flux = (s[b] * np.sinh(x_hat[b, :n].astype(np.float64)) / common
+                    + point[b, :n] / (common * t.pixel_scale ** 2)).astype(np.float32)     # (n, H, W)
             ivar = _template_ivar(t.ivar, flux.shape)
             psf = np.broadcast_to(np.asarray(t.psf_fwhm, dtype=np.float32), (n,)).copy()
             out.append(Image(flux=flux, ivar=ivar, mask=np.zeros(flux.shape, dtype=bool),

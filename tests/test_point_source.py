@@ -132,6 +132,10 @@ def test_image_tokenizer_draws_the_point_source_it_tokenised():
     # DES z's flux, drawn in HSC y (the DES-like star has Moffat beta 3.5, the tokenizer's PSF 3: its core fit
     # gives a flux ~3% high)
     np.testing.assert_allclose(y_flux, 10 ** (-0.4 * (mags[3] - 22.5)), rtol=0.05)
+    with pytest.raises(ValueError, match="ps_anchors"):
+        ImageTokenizer(ImageConfig(ps_anchors=(9000.0, 4800.0)))
+    with pytest.raises(ValueError, match="ps_bins"):
+        ImageTokenizer(ImageConfig(ps_anchors=ANCHORS, ps_bins=2000))
     bad = ids.clone()
     bad[0, 3] = 1000
     with pytest.raises(ValueError, match="point-source"):

@@ -224,6 +224,8 @@ class ImageTokenizer(Tokenizer):
                                   conv(2, widths[0] // 2, c.patch ** 2, kernel=1))
         if c.scale_bins > self.quantizer.vocab_size:
             raise ValueError(f"ImageConfig.scale_bins {c.scale_bins} exceeds the vocabulary {self.quantizer.vocab_size}")
+        if c.ps_anchors and (len(c.ps_anchors) < 2 or any(b <= a for a, b in zip(c.ps_anchors[:-1], c.ps_anchors[1:]))):
+            raise ValueError(f"ImageConfig.ps_anchors must be >= 2 increasing wavelengths (Angstrom), got {c.ps_anchors}")
         if c.ps_anchors and c.ps_bins > self.quantizer.vocab_size:
             raise ValueError(f"ImageConfig.ps_bins {c.ps_bins} exceeds the vocabulary {self.quantizer.vocab_size}")
         self.point_source = PointSource(tuple(float(a) for a in c.ps_anchors), c.ps_bins, c.ps_beta,
